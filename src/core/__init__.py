@@ -1,0 +1,1 @@
+"""Matchmaker core: domain, engine, data layer, settings and observability."""

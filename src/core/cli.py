@@ -1,0 +1,345 @@
+"""`matchmaker` command line: migrate, import, run, export, status, verify, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from pydantic import ValidationError
+
+from core import repository as repo
+from core.db import DatabaseUnavailableError, connect, resolve_database_url
+from core.import_parser import ImportFormatError, format_validation_error
+from core.importer import import_file
+from core.migrations import MigrationError, migrate
+from core.models import EventIn
+from core.observability import quiet_for_cli
+from core.oracle import VerifyReport
+from core.repository import Conn, EventRecord
+from core.runner import (
+    default_event,
+    delete_profiles_with_prefix,
+    drain,
+    import_and_match,
+    open_database,
+    recreate_event,
+    verify,
+)
+from core.settings import Settings, get_settings
+from core.synthetic import generate_profiles
+from core.worker import Matchmaker, WorkerReport
+
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
+SHOWN_MISMATCHES = 10
+
+
+class CliError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def _event(conn: Conn, code: str) -> EventRecord:
+    event = repo.fetch_event(conn, code)
+    if event is None:
+        raise CliError(f"no event with code {code!r} (import attendees into it first)")
+    return event
+
+
+def _print_worker_report(report: WorkerReport, out: TextIO) -> None:
+    print(
+        f"processed {report.completed} users in {report.batches} batches "
+        f"({report.failed} failed, {len(report.dead)} dead, {report.lists_written} lists "
+        f"written) in {report.elapsed_s:.2f}s; stopped: {report.stopped}",
+        file=out,
+    )
+
+
+def _print_verify(report: VerifyReport, out: TextIO) -> None:
+    if report.ok:
+        print(f"verify: OK - {report.checked} lists equal the brute-force top-k", file=out)
+        return
+    print(
+        f"verify: FAILED - {len(report.mismatches)} of {report.checked} lists differ from the "
+        f"brute-force top-k; {len(report.missing_vectors)} attendees without vectors, "
+        f"{len(report.stale_vectors)} with stale vectors, "
+        f"{len(report.asymmetric_pairs)} asymmetric pairs",
+        file=out,
+    )
+    for mismatch in report.mismatches[:SHOWN_MISMATCHES]:
+        print(
+            f"  {mismatch.user_id}: expected {mismatch.expected} stored {mismatch.stored}", file=out
+        )
+    for label, users in (
+        ("no vector", report.missing_vectors),
+        ("stale vector", report.stale_vectors),
+    ):
+        if users:
+            print(f"  {label}: {', '.join(users[:SHOWN_MISMATCHES])}", file=out)
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    with connect(resolve_database_url(settings), settings) as conn:
+        report = migrate(conn)
+    for name in report.applied:
+        print(f"applied {name}")
+    print(f"{len(report.applied)} applied, {len(report.already_applied)} already applied")
+    if report.drift:
+        print(f"DRIFT: applied migrations edited since: {', '.join(report.drift)}", file=sys.stderr)
+        return EXIT_PROBLEM
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
+    event = EventIn(code=args.event, name=args.name or args.event)
+    with open_database(settings) as conn:
+        report = import_file(conn, event, Path(args.file))
+    for error in report.errors:
+        print(f"{args.file}: {error}", file=sys.stderr)
+    print(
+        f"imported {report.imported} attendees into {report.event.code}; "
+        f"{len(report.errors)} rows rejected"
+    )
+    return EXIT_PROBLEM if report.errors else EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    with open_database(settings) as conn:
+        report = drain(
+            conn,
+            Matchmaker(settings),
+            batch_size=args.batch_size,
+            max_seconds=args.max_seconds,
+            show_progress=not args.quiet,
+        )
+    _print_worker_report(report, sys.stdout)
+    return EXIT_PROBLEM if report.dead else EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    with open_database(settings) as conn:
+        lists = repo.export_lists(conn, _event(conn, args.event).id)
+    text = "".join(json.dumps(entry, ensure_ascii=False) + "\n" for entry in lists)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    with open_database(settings) as conn:
+        event = _event(conn, args.event)
+        status = repo.job_status(conn, event.id)
+        dead = repo.dead_rows(conn, event.id)
+    if args.json:
+        print(json.dumps({"event": event.code, **status, "dead_rows": dead}, default=str, indent=2))
+        return EXIT_OK
+    job, queue, people = status["job"], status["queue"], status["attendees"]
+    print(
+        f"event {event.code} ({event.name}): k={event.settings.k}, "
+        f"exclude_same_company={event.settings.exclude_same_company}"
+    )
+    print(
+        f"  attendees: {people.get('active', 0)} active ({people.get('with_matches', 0)} "
+        f"with matches), {people.get('left_event', 0)} left"
+    )
+    print(
+        f"  job: {job.get('status', 'idle')}, processed {job.get('processed_count', 0)}, "
+        f"failed {job.get('failed_count', 0)}, batches {job.get('batches', 0)}, "
+        f"last batch {job.get('last_batch_at')}"
+    )
+    print(
+        f"  queue: pending p3={queue.get('pending_p3', 0)} p2={queue.get('pending_p2', 0)} "
+        f"p1={queue.get('pending_p1', 0)} p0={queue.get('pending_p0', 0)}, "
+        f"running {queue.get('running', 0)}, dead {queue.get('dead', 0)}, oldest pending "
+        f"{queue.get('oldest_pending_age_s') or 0:.1f}s"
+    )
+    if job.get("last_error"):
+        print(f"  last error ({job.get('last_error_at')}): {job['last_error']}")
+    for row in dead[:SHOWN_MISMATCHES]:
+        print(f"  dead: {row['user_id']} after {row['attempts']} attempts: {row['last_error']}")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    with open_database(settings) as conn:
+        report = verify(conn, _event(conn, args.event))
+    _print_verify(report, sys.stdout)
+    return EXIT_OK if report.ok else EXIT_PROBLEM
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    out = sys.stdout
+    with open_database(settings) as conn:
+        event = default_event(args.event, f"Demo event with {args.users} attendees")
+        recreate_event(conn, event)
+        t0 = time.perf_counter()
+        profiles = generate_profiles(args.users, seed=args.seed, id_prefix="demo-")
+        print(
+            f"generated {len(profiles)} synthetic attendees in {time.perf_counter() - t0:.2f}s",
+            file=out,
+        )
+        run = import_and_match(
+            conn,
+            Matchmaker(settings),
+            event,
+            profiles,
+            batch_size=args.batch_size,
+            show_progress=True,
+        )
+        print(
+            f"imported in {run.import_s:.2f}s; matched in {run.match_s:.2f}s "
+            f"(wall time for {args.users} attendees)",
+            file=out,
+        )
+        _print_worker_report(run.report, out)
+        lists = repo.export_lists(conn, run.event.id)
+        for entry in lists[: args.show]:
+            print(f"\n{entry['user_id']}:", file=out)
+            for match in entry["matches"]:
+                print(
+                    f"  #{match['rank']} {match['user_id']} score {match['score']:.3f}: "
+                    f"{'; '.join(match['reasons'])}",
+                    file=out,
+                )
+        t0 = time.perf_counter()
+        report = verify(conn, run.event)
+        print(f"\n(verified in {time.perf_counter() - t0:.2f}s)", file=out)
+    _print_verify(report, out)
+    return EXIT_OK if report.ok else EXIT_PROBLEM
+
+
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    rows: list[dict[str, Any]] = []
+    print(
+        f"{'attendees':>10} {'batch':>6} {'import s':>9} {'drain s':>8} {'users/s':>9} "
+        f"{'batches':>8} {'lists':>8} {'verify':>7}"
+    )
+    with open_database(settings) as conn:
+        for size in sizes:
+            prefix = f"bench{size}-"
+            delete_profiles_with_prefix(conn, prefix)
+            event = default_event(f"bench-{size}")
+            recreate_event(conn, event)
+            profiles = generate_profiles(size, seed=args.seed, id_prefix=prefix)
+            run = import_and_match(
+                conn,
+                Matchmaker(settings),
+                event,
+                profiles,
+                batch_size=args.batch_size,
+                show_progress=False,
+            )
+            verified = verify(conn, run.event).ok if args.verify else None
+            row = {
+                "attendees": size,
+                "batch_size": args.batch_size or settings.batch_size,
+                "import_s": round(run.import_s, 3),
+                "drain_s": round(run.match_s, 3),
+                "users_per_s": round(size / run.match_s, 1),
+                "batches": run.report.batches,
+                "lists_written": run.report.lists_written,
+                "verified": verified,
+            }
+            rows.append(row)
+            print(
+                f"{size:>10} {row['batch_size']:>6} {row['import_s']:>9.2f} "
+                f"{row['drain_s']:>8.2f} {row['users_per_s']:>9.0f} {row['batches']:>8} "
+                f"{row['lists_written']:>8} {verified!s:>7}",
+                flush=True,
+            )
+            delete_profiles_with_prefix(conn, prefix)
+            recreate_event(conn, event)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    return EXIT_OK if all(r["verified"] in (True, None) for r in rows) else EXIT_PROBLEM
+
+
+# --- parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="matchmaker",
+        description="Exact top-k matchmaking for events. Without DATABASE_URL every command "
+        "uses an embedded PostgreSQL kept in MATCHMAKER_PGDATA "
+        "(default ~/.local/share/matchmaker/pgdata).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("import", help="import attendees from .jsonl or .csv")
+    p.add_argument("event", help="event code (created if missing)")
+    p.add_argument("file", help="a .jsonl or .csv file (lists ';'-separated in CSV)")
+    p.add_argument("--name", help="event name when the event is created")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("run", help="drain the matching queue locally")
+    p.add_argument("--batch-size", type=int, help="users per batch (default BATCH_SIZE)")
+    p.add_argument("--max-seconds", type=float, help="stop after this long")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("export", help="print each attendee's matches as JSON lines")
+    p.add_argument("event")
+    p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("status", help="job and queue figures of an event")
+    p.add_argument("event")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("verify", help="compare stored lists with a brute-force oracle")
+    p.add_argument("event")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("demo", help="generate, import, match and verify a synthetic event")
+    p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--event", default="demo")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--show", type=int, default=3, help="lists to print")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="from-scratch drain time for several event sizes")
+    p.add_argument("--sizes", default="1000,5000,10000")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--verify", action="store_true", help="also run the oracle (slower)")
+    p.add_argument("--json", help="write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_for_cli()
+    try:
+        settings = get_settings()
+        result: int = args.func(args, settings)
+        return result
+    except ValidationError as exc:
+        print(f"matchmaker: invalid input: {format_validation_error(exc)}", file=sys.stderr)
+    except (
+        CliError,
+        ImportFormatError,
+        MigrationError,
+        DatabaseUnavailableError,
+        FileNotFoundError,
+    ) as exc:
+        print(f"matchmaker: {exc}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

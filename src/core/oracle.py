@@ -1,0 +1,130 @@
+"""Brute-force verification of an event's stored lists (DESIGN.md §3, invariants 1 and 2).
+
+Independent of the engine's incremental path: it reads the current state straight from
+the database, scores every pair in float64 (the dot products of the quantised blocks are
+exact integers either way), ranks each row with a plain sort by (score desc, user_id asc)
+and compares with user_matches, scores rounded to 6 decimals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from core.embedder import content_hash
+from core.models import Profile
+from core.repository import Conn, EventRecord
+from core.scoring import Coefficients, block_dim, combine
+from core.sql_queries import query
+
+ROW_BLOCK = 512
+
+
+@dataclass
+class ListMismatch:
+    user_id: str
+    expected: list[tuple[str, float]]
+    stored: list[tuple[str, float]]
+
+
+@dataclass
+class VerifyReport:
+    attendees: int = 0
+    checked: int = 0
+    mismatches: list[ListMismatch] = field(default_factory=list)
+    missing_vectors: list[str] = field(default_factory=list)
+    stale_vectors: list[str] = field(default_factory=list)
+    asymmetric_pairs: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (
+            self.mismatches or self.missing_vectors or self.stale_vectors or self.asymmetric_pairs
+        )
+
+
+def verify_event(conn: Conn, event: EventRecord, embedder_key: str) -> VerifyReport:
+    report = VerifyReport()
+    members = conn.execute(
+        query("oracle_members"), {"event_id": event.id, "embedder": embedder_key}
+    ).fetchall()
+    report.attendees = len(members)
+    user_of = {row[0]: row[1] for row in members}
+    matchable = []
+    for pid, user_id, company, title, bio, interests, seeking, offering, vector, stored in members:
+        if vector is None:
+            report.missing_vectors.append(user_id)
+            continue
+        profile = Profile.model_construct(
+            user_id=user_id,
+            company=company,
+            title=title,
+            bio=bio,
+            interests=interests,
+            seeking=seeking,
+            offering=offering,
+        )
+        if content_hash(profile) != stored:
+            report.stale_vectors.append(user_id)
+        matchable.append((pid, user_id, company.strip().casefold(), vector))
+
+    stored_lists: dict[int, list[tuple[str, float]]] = {}
+    stored_scores: dict[tuple[str, str], float] = {}
+    for owner, _rank, matched, score in conn.execute(query("oracle_lists"), {"event_id": event.id}):
+        other = user_of.get(matched, f"<inactive profile {matched}>")
+        stored_lists.setdefault(owner, []).append((other, round(score, 6)))
+        if owner in user_of:
+            stored_scores[(user_of[owner], other)] = score
+    for (a, b), score in stored_scores.items():
+        if (b, a) in stored_scores and stored_scores[(b, a)] != score and a < b:
+            report.asymmetric_pairs.append((a, b))
+
+    if not matchable:
+        return report
+    dismissed: dict[int, set[int]] = {}
+    for a, b in conn.execute(query("oracle_dismissals"), {"event_id": event.id}):
+        dismissed.setdefault(a, set()).add(b)
+        dismissed.setdefault(b, set()).add(a)
+
+    ids = [m[0] for m in matchable]
+    users = [m[1] for m in matchable]
+    row_of = {pid: i for i, pid in enumerate(ids)}
+    company_names = [m[2] for m in matchable]
+    codes = {name: c for c, name in enumerate(sorted(set(company_names)))}
+    company = np.array([codes[name] if name else -1 for name in company_names])
+    vectors = np.stack([np.frombuffer(m[3], dtype="<i2") for m in matchable]).astype(np.float64)
+    d = block_dim(vectors.shape[1])
+    coef = Coefficients.from_weights(event.settings.weights)
+    k = event.settings.k
+    n = len(ids)
+
+    for start in range(0, n, ROW_BLOCK):
+        q = vectors[start : start + ROW_BLOCK]
+        interests = q[:, :d] @ vectors[:, :d].T
+        complement = q[:, d : 2 * d] @ vectors[:, 2 * d : 3 * d].T
+        complement = complement + q[:, 2 * d : 3 * d] @ vectors[:, d : 2 * d].T
+        bio = q[:, 3 * d :] @ vectors[:, 3 * d :].T
+        scores = combine(interests, complement, bio, coef)
+        for offset, row in enumerate(scores):
+            i = start + offset
+            allowed = np.ones(n, dtype=bool)
+            allowed[i] = False
+            if event.settings.exclude_same_company and company[i] >= 0:
+                allowed &= company != company[i]
+            for other in dismissed.get(ids[i], ()):
+                if other in row_of:
+                    allowed[row_of[other]] = False
+            take = min(k, int(allowed.sum()))
+            best: list[int] = []
+            if take:
+                values = np.where(allowed, row, -np.inf)
+                kth = np.partition(values, n - take)[n - take]
+                candidates = np.flatnonzero(values >= kth).tolist()
+                best = sorted(candidates, key=lambda j: (-row[j], users[j]))[:take]
+            expected = [(users[j], round(float(row[j]), 6)) for j in best]
+            stored = stored_lists.get(ids[i], [])
+            report.checked += 1
+            if expected != stored:
+                report.mismatches.append(ListMismatch(users[i], expected, stored))
+    return report

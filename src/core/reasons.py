@@ -1,0 +1,65 @@
+"""Human-readable reasons for a match, from the owner's point of view."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from core.text import phrase_key
+
+MAX_REASONS = 4
+MAX_SHARED_SHOWN = 3
+
+
+@dataclass(frozen=True)
+class Tag:
+    text: str
+    key: frozenset[str]
+
+
+@dataclass(frozen=True)
+class TagProfile:
+    interests: tuple[Tag, ...]
+    seeking: tuple[Tag, ...]
+    offering: tuple[Tag, ...]
+
+    @classmethod
+    def from_lists(
+        cls, interests: Sequence[str], seeking: Sequence[str], offering: Sequence[str]
+    ) -> TagProfile:
+        def tags(items: Sequence[str]) -> tuple[Tag, ...]:
+            return tuple(Tag(item, frozenset(phrase_key(item))) for item in items)
+
+        return cls(tags(interests), tags(seeking), tags(offering))
+
+
+def _complements(seeking: tuple[Tag, ...], offering: tuple[Tag, ...]) -> list[tuple[str, str]]:
+    pairs = []
+    for want in seeking:
+        for give in offering:
+            # one phrase contained in the other ("funding" / "seed funding"); a single
+            # shared word ("product designers" / "product strategy") is not enough
+            if want.key and give.key and (want.key <= give.key or give.key <= want.key):
+                pairs.append((want.text, give.text))
+                break
+    return pairs
+
+
+def explain(owner: TagProfile, other: TagProfile) -> list[str]:
+    """Shared interests, then what each side seeks that the other offers."""
+    reasons: list[str] = []
+    other_interests = {tag.key for tag in other.interests if tag.key}
+    shared = [tag.text for tag in owner.interests if tag.key and tag.key in other_interests]
+    if shared:
+        reasons.append("Shared interests: " + ", ".join(shared[:MAX_SHARED_SHOWN]))
+    reasons.extend(
+        f"You seek {want} — they offer {give}"
+        for want, give in _complements(owner.seeking, other.offering)[:2]
+    )
+    reasons.extend(
+        f"They seek {want} — you offer {give}"
+        for want, give in _complements(other.seeking, owner.offering)[:2]
+    )
+    if not reasons:
+        reasons.append("Similar background and goals")
+    return reasons[:MAX_REASONS]

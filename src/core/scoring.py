@@ -1,0 +1,125 @@
+"""The matching math (DESIGN.md §4), exact and symmetric by construction.
+
+score(A, B) = c_i·(I_A·I_B) + c_c·(S_A·O_B + O_A·S_B) + c_b·(B_A·B_B)
+
+The blocks are int16-quantised unit vectors (core.embedder): every dot product of two of
+them is an integer below 2^24 in every partial sum, so float32 BLAS computes it exactly in
+any order. The weighted combination is then a fixed sequence of float64 operations on
+exact integers. Hence scores are bit-identical however rows are batched, score(A, B) is
+bit-identical to score(B, A), and a brute-force oracle reproduces them exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from core.embedder import QUANT_SCALE
+from core.models import MatchWeights
+
+FloatMatrix = npt.NDArray[np.float64]
+IndexMatrix = npt.NDArray[np.int64]
+NO_MATCH = -1
+EXCLUDED = -np.inf
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """Weights folded with the normalisation, so scores fall in [-1, 1]."""
+
+    interests: float
+    complement: float
+    bio: float
+
+    @classmethod
+    def from_weights(cls, weights: MatchWeights) -> Coefficients:
+        denominator = weights.total * float(QUANT_SCALE) ** 2
+        return cls(
+            weights.interests / denominator,
+            weights.complementarity / denominator,
+            weights.bio / denominator,
+        )
+
+
+def block_dim(width: int) -> int:
+    if width % 4:
+        raise ValueError(f"vector width {width} is not four equal blocks")
+    return width // 4
+
+
+def pair_scores(
+    query: npt.NDArray[np.float32], target: npt.NDArray[np.float32], coef: Coefficients
+) -> FloatMatrix:
+    """Scores of every query row against every target row (rows are [I | S | O | B])."""
+    d = block_dim(query.shape[1])
+    interests = query[:, :d] @ target[:, :d].T
+    # S_q·O_t + O_q·S_t: integers below 2^24 each, their float32 sum stays exact.
+    complement = query[:, d : 2 * d] @ target[:, 2 * d : 3 * d].T
+    complement += query[:, 2 * d : 3 * d] @ target[:, d : 2 * d].T
+    bio = query[:, 3 * d :] @ target[:, 3 * d :].T
+    return combine(interests, complement, bio, coef)
+
+
+def combine(
+    interests: npt.NDArray[np.floating],
+    complement: npt.NDArray[np.floating],
+    bio: npt.NDArray[np.floating],
+    coef: Coefficients,
+) -> FloatMatrix:
+    """The one place the blocks are weighted: a fixed float64 operation order."""
+    score = interests.astype(np.float64) * coef.interests
+    score += complement.astype(np.float64) * coef.complement
+    score += bio.astype(np.float64) * coef.bio
+    return score
+
+
+def top_k(
+    scores: FloatMatrix, id_rank: npt.NDArray[np.int64], k: int
+) -> tuple[IndexMatrix, FloatMatrix]:
+    """Per row, the k best columns by (score desc, id_rank asc); EXCLUDED never chosen.
+
+    Returns (columns, scores), padded with NO_MATCH / EXCLUDED where fewer than k exist.
+    Ties at the k-th score are common (empty profiles score 0 with everyone), so the
+    tie-break is exact rather than whatever argpartition happens to pick.
+    """
+    rows, cols = scores.shape
+    out_idx = np.full((rows, k), NO_MATCH, dtype=np.int64)
+    out_val = np.full((rows, k), EXCLUDED, dtype=np.float64)
+    take = min(k, cols)
+    if rows == 0 or take == 0:
+        return out_idx, out_val
+    threshold = np.partition(scores, cols - take, axis=1)[:, cols - take]
+    candidates = scores >= threshold[:, None]
+    counts = candidates.sum(axis=1)
+
+    simple = np.flatnonzero(counts == take)
+    if simple.size:
+        cand_cols = np.nonzero(candidates[simple])[1].reshape(simple.size, take)
+        cand_vals = np.take_along_axis(scores[simple], cand_cols, axis=1)
+        order = np.lexsort((id_rank[cand_cols], -cand_vals), axis=-1)
+        out_idx[simple, :take] = np.take_along_axis(cand_cols, order, axis=1)
+        out_val[simple, :take] = np.take_along_axis(cand_vals, order, axis=1)
+    for row in np.flatnonzero(counts != take):  # ties at the threshold: exact order
+        tied_cols = np.flatnonzero(candidates[row])
+        tied_vals = scores[row, tied_cols]
+        best = np.lexsort((id_rank[tied_cols], -tied_vals))[:take]
+        out_idx[row, :take] = tied_cols[best]
+        out_val[row, :take] = tied_vals[best]
+
+    excluded = out_val == EXCLUDED
+    out_idx[excluded] = NO_MATCH
+    return out_idx, out_val
+
+
+def merge_top_k(
+    idx: IndexMatrix, val: FloatMatrix, id_rank: npt.NDArray[np.int64], k: int
+) -> tuple[IndexMatrix, FloatMatrix]:
+    """Best k of each row of small candidate sets (NO_MATCH entries sort last)."""
+    rank_key = np.where(idx >= 0, id_rank[np.maximum(idx, 0)], np.iinfo(np.int64).max)
+    order = np.lexsort((rank_key, -val), axis=-1)[:, :k]
+    merged_idx = np.take_along_axis(idx, order, axis=1)
+    merged_val = np.take_along_axis(val, order, axis=1)
+    merged_idx[merged_val == EXCLUDED] = NO_MATCH
+    return merged_idx, merged_val

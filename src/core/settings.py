@@ -1,0 +1,57 @@
+"""One typed settings object, read from the environment (pydantic-settings)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_pgdata() -> Path:
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "matchmaker" / "pgdata"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Environment variable names are the upper-case field names."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, frozen=True)
+
+    # Where the data lives: DATABASE_URL, or an embedded PostgreSQL in MATCHMAKER_PGDATA.
+    database_url: SecretStr | None = None
+    pgdata: Path = Field(
+        default_factory=_default_pgdata,
+        validation_alias=AliasChoices("MATCHMAKER_PGDATA", "pgdata"),
+    )
+
+    # Worker: the legacy system processed batches of 20 within 45 s.
+    batch_size: Annotated[int, Field(ge=1, le=5000)] = 20
+    max_runtime_ms: Annotated[int, Field(ge=1000, le=900_000)] = 45_000
+    lease_seconds: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 5
+    backoff_base_s: Annotated[float, Field(ge=0, le=3600)] = 2.0
+    backoff_max_s: Annotated[float, Field(ge=0, le=86_400)] = 300.0
+
+    # Database session limits: a statement never outlives the lease of the rows it serves.
+    statement_timeout_ms: Annotated[int, Field(ge=100, le=3_600_000)] = 30_000
+    connect_timeout_s: Annotated[int, Field(ge=1, le=120)] = 5
+
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _timeouts_fit_the_lease(self) -> Settings:
+        if self.statement_timeout_ms >= self.lease_seconds * 1000:
+            raise ValueError(
+                "STATEMENT_TIMEOUT_MS must be below LEASE_SECONDS, or a slow statement could "
+                "outlive the lease of the rows it is working on"
+            )
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

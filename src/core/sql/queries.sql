@@ -1,0 +1,232 @@
+-- Named query blocks used by core.repository. Parameters are always bound (%(name)s).
+
+-- name: event_by_code
+SELECT id, code, name, k, exclude_same_company, weight_interests, weight_complement,
+       weight_bio, embedder
+  FROM events WHERE code = %(code)s
+
+-- name: event_by_id
+SELECT id, code, name, k, exclude_same_company, weight_interests, weight_complement,
+       weight_bio, embedder
+  FROM events WHERE id = %(event_id)s
+
+-- name: insert_event
+INSERT INTO events (code, name, k, exclude_same_company, weight_interests,
+                    weight_complement, weight_bio, embedder)
+VALUES (%(code)s, %(name)s, %(k)s, %(exclude_same_company)s, %(weight_interests)s,
+        %(weight_complement)s, %(weight_bio)s, %(embedder)s)
+ON CONFLICT (code) DO NOTHING
+
+-- name: create_profile_staging
+CREATE TEMP TABLE profile_staging (
+    user_id text, name text, company text, title text, bio text,
+    interests text[], seeking text[], offering text[]
+) ON COMMIT DROP
+
+-- name: copy_profile_staging
+COPY profile_staging (user_id, name, company, title, bio, interests, seeking, offering)
+FROM STDIN
+
+-- name: upsert_staged_profiles
+INSERT INTO profiles AS p (user_id, name, company, title, bio, interests, seeking, offering)
+SELECT user_id, name, company, title, bio, interests, seeking, offering FROM profile_staging
+ON CONFLICT (user_id) DO UPDATE
+   SET name = EXCLUDED.name, company = EXCLUDED.company, title = EXCLUDED.title,
+       bio = EXCLUDED.bio, interests = EXCLUDED.interests, seeking = EXCLUDED.seeking,
+       offering = EXCLUDED.offering
+ WHERE (p.name, p.company, p.title, p.bio, p.interests, p.seeking, p.offering)
+       IS DISTINCT FROM
+       (EXCLUDED.name, EXCLUDED.company, EXCLUDED.title, EXCLUDED.bio, EXCLUDED.interests,
+        EXCLUDED.seeking, EXCLUDED.offering)
+
+-- name: join_staged_profiles
+INSERT INTO attendees AS a (event_id, profile_id)
+SELECT %(event_id)s, p.id FROM profile_staging s JOIN profiles p USING (user_id)
+ON CONFLICT (event_id, profile_id) DO UPDATE SET active = true WHERE NOT a.active
+
+-- name: profile_ids_by_user_ids
+SELECT user_id, id FROM profiles WHERE user_id = ANY(%(user_ids)s)
+
+-- name: leave_event
+UPDATE attendees SET active = false
+ WHERE event_id = %(event_id)s AND active
+   AND profile_id = (SELECT id FROM profiles WHERE user_id = %(user_id)s)
+
+-- name: insert_dismissal
+INSERT INTO dismissals (event_id, profile_id, dismissed_profile_id)
+SELECT %(event_id)s, a.id, b.id FROM profiles a, profiles b
+ WHERE a.user_id = %(user_id)s AND b.user_id = %(dismissed_user_id)s
+ON CONFLICT DO NOTHING
+
+-- name: recover_leases
+SELECT queue_id, event_id, profile_id, status, attempts, last_error
+  FROM mm_recover_leases(%(max_attempts)s)
+
+-- name: claim_batch
+SELECT queue_id, event_id, profile_id, priority, reason, attempts, lease_token
+  FROM mm_claim(%(batch_size)s, %(lease_seconds)s)
+
+-- name: complete_rows
+SELECT mm_complete(%(queue_ids)s, %(lease_token)s)
+
+-- name: fail_rows
+SELECT queue_id, event_id, profile_id, status, attempts, last_error
+  FROM mm_fail(%(queue_ids)s, %(errors)s, %(lease_token)s, %(max_attempts)s,
+               %(backoff_base_s)s, %(backoff_max_s)s)
+
+-- name: profiles_to_embed
+SELECT p.id, p.user_id, p.name, p.company, p.title, p.bio, p.interests, p.seeking,
+       p.offering, v.content_hash
+  FROM profiles p
+  LEFT JOIN profile_vectors v ON v.profile_id = p.id AND v.embedder = %(embedder)s
+ WHERE p.id = ANY(%(profile_ids)s)
+
+-- name: upsert_vector
+INSERT INTO profile_vectors AS v (profile_id, embedder, content_hash, dims, vector)
+VALUES (%(profile_id)s, %(embedder)s, %(content_hash)s, %(dims)s, %(vector)s)
+ON CONFLICT (profile_id, embedder) DO UPDATE
+   SET content_hash = EXCLUDED.content_hash, dims = EXCLUDED.dims, vector = EXCLUDED.vector,
+       change_xid = pg_current_xact_id(), updated_at = now()
+ WHERE v.content_hash IS DISTINCT FROM EXCLUDED.content_hash
+
+-- name: lock_event
+SELECT pg_advisory_xact_lock(mm_event_lock_key(%(event_id)s))
+
+-- name: snapshot_xmin
+SELECT pg_snapshot_xmin(pg_current_snapshot())::text
+
+-- name: event_members_all
+SELECT a.profile_id, p.user_id, a.active, p.company, p.interests, p.seeking, p.offering,
+       v.vector
+  FROM attendees a
+  JOIN profiles p ON p.id = a.profile_id
+  LEFT JOIN profile_vectors v ON v.profile_id = a.profile_id AND v.embedder = %(embedder)s
+ WHERE a.event_id = %(event_id)s
+
+-- name: event_members_changed
+WITH changed AS (
+    SELECT a.profile_id FROM attendees a
+     WHERE a.event_id = %(event_id)s AND a.change_xid >= %(since)s::xid8
+    UNION
+    SELECT a.profile_id FROM profiles p
+      JOIN attendees a ON a.profile_id = p.id AND a.event_id = %(event_id)s
+     WHERE p.change_xid >= %(since)s::xid8
+    UNION
+    SELECT a.profile_id FROM profile_vectors v
+      JOIN attendees a ON a.profile_id = v.profile_id AND a.event_id = %(event_id)s
+     WHERE v.embedder = %(embedder)s AND v.change_xid >= %(since)s::xid8
+)
+SELECT a.profile_id, p.user_id, a.active, p.company, p.interests, p.seeking, p.offering,
+       v.vector
+  FROM changed c
+  JOIN attendees a ON a.event_id = %(event_id)s AND a.profile_id = c.profile_id
+  JOIN profiles p ON p.id = a.profile_id
+  LEFT JOIN profile_vectors v ON v.profile_id = a.profile_id AND v.embedder = %(embedder)s
+
+-- name: dismissals_changed
+SELECT profile_id, dismissed_profile_id FROM dismissals
+ WHERE event_id = %(event_id)s AND change_xid >= %(since)s::xid8
+
+-- name: lists_version
+SELECT lists_version FROM matchmaking_jobs WHERE event_id = %(event_id)s
+
+-- name: event_lists
+SELECT profile_id, rank, matched_profile_id, score FROM user_matches
+ WHERE event_id = %(event_id)s ORDER BY profile_id, rank
+
+-- name: delete_lists
+DELETE FROM user_matches WHERE event_id = %(event_id)s AND profile_id = ANY(%(owners)s)
+
+-- name: copy_lists
+COPY user_matches (event_id, profile_id, rank, matched_profile_id, score, reasons) FROM STDIN
+
+-- name: bump_lists_version
+UPDATE matchmaking_jobs SET lists_version = lists_version + 1
+ WHERE event_id = %(event_id)s
+RETURNING lists_version
+
+-- name: finish_batch
+WITH log AS (
+    INSERT INTO matchmaking_batches (event_id, worker_id, started_at, claimed, completed,
+                                     failed, lists_written, error)
+    VALUES (%(event_id)s, %(worker_id)s, %(started_at)s, %(claimed)s, %(completed)s,
+            %(failed)s, %(lists_written)s, %(error)s)
+)
+UPDATE matchmaking_jobs j
+   SET processed_count = processed_count + %(completed)s,
+       failed_count = failed_count + %(failed)s,
+       dead_count = dead_count + %(dead)s,
+       lists_written = lists_written + %(lists_written)s,
+       batches = batches + 1,
+       last_batch_at = now(),
+       last_error = coalesce(%(error)s, j.last_error),
+       last_error_at = CASE WHEN %(error)s::text IS NULL THEN j.last_error_at ELSE now() END,
+       status = CASE
+           WHEN j.status = 'paused' THEN 'paused'
+           WHEN EXISTS (SELECT 1 FROM matchmaking_queue q
+                         WHERE q.event_id = j.event_id AND q.status IN ('pending', 'running'))
+           THEN 'running'
+           ELSE 'done' END,
+       finished_at = CASE
+           WHEN EXISTS (SELECT 1 FROM matchmaking_queue q
+                         WHERE q.event_id = j.event_id AND q.status IN ('pending', 'running'))
+           THEN NULL ELSE now() END,
+       updated_at = now()
+ WHERE j.event_id = %(event_id)s
+
+-- name: export_lists
+SELECT o.user_id, m.rank, t.user_id AS matched_user_id, m.score, m.reasons
+  FROM attendees a
+  JOIN profiles o ON o.id = a.profile_id
+  LEFT JOIN user_matches m ON m.event_id = a.event_id AND m.profile_id = a.profile_id
+  LEFT JOIN profiles t ON t.id = m.matched_profile_id
+ WHERE a.event_id = %(event_id)s AND a.active
+ ORDER BY o.user_id COLLATE "C", m.rank
+
+-- name: job_status
+SELECT status, processed_count, failed_count, dead_count, lists_written, batches,
+       lists_version, started_at, finished_at, last_batch_at, last_error, last_error_at
+  FROM matchmaking_jobs WHERE event_id = %(event_id)s
+
+-- name: queue_stats
+SELECT pending_p0, pending_p1, pending_p2, pending_p3, ready, running, dead,
+       oldest_pending_age_s
+  FROM mm_queue_stats(%(event_id)s)
+
+-- name: attendee_counts
+SELECT count(*) FILTER (WHERE a.active) AS active,
+       count(*) FILTER (WHERE NOT a.active) AS left_event,
+       count(*) FILTER (WHERE a.active AND EXISTS (
+           SELECT 1 FROM user_matches m
+            WHERE m.event_id = a.event_id AND m.profile_id = a.profile_id)) AS with_matches
+  FROM attendees a WHERE a.event_id = %(event_id)s
+
+-- name: dead_rows
+SELECT q.id, p.user_id, q.attempts, q.last_error, q.dead_at
+  FROM matchmaking_queue q JOIN profiles p ON p.id = q.profile_id
+ WHERE q.event_id = %(event_id)s AND q.status = 'dead'
+ ORDER BY q.dead_at, q.id
+
+-- name: oracle_members
+SELECT a.profile_id, p.user_id, p.company, p.title, p.bio, p.interests, p.seeking,
+       p.offering, v.vector, v.content_hash
+  FROM attendees a
+  JOIN profiles p ON p.id = a.profile_id
+  LEFT JOIN profile_vectors v ON v.profile_id = a.profile_id AND v.embedder = %(embedder)s
+ WHERE a.event_id = %(event_id)s AND a.active
+
+-- name: oracle_dismissals
+SELECT profile_id, dismissed_profile_id FROM dismissals WHERE event_id = %(event_id)s
+
+-- name: oracle_lists
+SELECT m.profile_id, m.rank, m.matched_profile_id, m.score FROM user_matches m
+ WHERE m.event_id = %(event_id)s ORDER BY m.profile_id, m.rank
+
+-- name: live_queue_count
+SELECT count(*) FROM matchmaking_queue WHERE status IN ('pending', 'running')
+
+-- name: delete_event
+DELETE FROM events WHERE code = %(code)s
+
+-- name: delete_profiles_with_prefix
+DELETE FROM profiles WHERE starts_with(user_id, %(prefix)s)

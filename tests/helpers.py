@@ -1,0 +1,36 @@
+"""Small helpers shared by the integration tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core import repository as repo
+from core.importer import import_profiles
+from core.models import EventIn, EventSettings, Profile
+from core.repository import Conn, EventRecord
+
+
+def queue_rows(conn: Conn, event_id: int | None = None) -> list[dict[str, Any]]:
+    """Every queue row (with user_id), oldest first."""
+    from psycopg.rows import dict_row
+
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT q.*, p.user_id FROM matchmaking_queue q JOIN profiles p ON p.id = q.profile_id"
+            " WHERE %(event_id)s::bigint IS NULL OR q.event_id = %(event_id)s ORDER BY q.id",
+            {"event_id": event_id},
+        ).fetchall()
+
+
+def lists_of(conn: Conn, event_id: int) -> dict[str, list[tuple[str, float]]]:
+    """user_id -> [(matched user_id, score)] in rank order."""
+    out: dict[str, list[tuple[str, float]]] = {}
+    for entry in repo.export_lists(conn, event_id):
+        out[entry["user_id"]] = [(m["user_id"], m["score"]) for m in entry["matches"]]
+    return out
+
+
+def add_attendees(conn: Conn, event: EventRecord | str, profiles: list[Profile],
+                  **settings: Any) -> EventRecord:
+    code = event if isinstance(event, str) else event.code
+    return import_profiles(conn, EventIn(code=code, settings=EventSettings(**settings)), profiles)
