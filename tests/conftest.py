@@ -8,8 +8,8 @@ migrated template, so the role needs CREATEDB). Otherwise an embedded PostgreSQL
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from core import repository as repo
 from core.db import connect, embedded_server_uri
 from core.migrations import migrate
 from core.models import EventIn, EventSettings, Profile
@@ -35,14 +36,15 @@ def database_uri(server_uri: str, database: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_server_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+def pg_server_uri() -> str:
     """A URI of a maintenance database on the server the tests use."""
     url = os.environ.get("DATABASE_URL")
     if url:
         return url
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return embedded_server_uri(tmp_path_factory.mktemp("pgdata"), database="postgres")
+    # Not under pytest's basetemp: pytest prunes old basetemps, and concurrent sessions
+    # would delete each other's running server. The server deletes the directory at exit.
+    pgdata = Path(tempfile.mkdtemp(prefix="matchmaker-test-pg-"))
+    return embedded_server_uri(pgdata, database="postgres", cleanup_mode="delete")
 
 
 @pytest.fixture(scope="session")
@@ -54,8 +56,9 @@ def template_db(pg_server_uri: str) -> Iterator[str]:
         migrate(conn)
     yield TEMPLATE_DB
     with psycopg.connect(pg_server_uri, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(TEMPLATE_DB)))
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(TEMPLATE_DB))
+        )
 
 
 @pytest.fixture
@@ -63,19 +66,28 @@ def db_url(pg_server_uri: str, template_db: str) -> Iterator[str]:
     """A fresh, migrated database for this test."""
     name = f"mm_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_server_uri, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-            sql.Identifier(name), sql.Identifier(template_db)))
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template_db)
+            )
+        )
     yield database_uri(pg_server_uri, name)
     with psycopg.connect(pg_server_uri, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-            sql.Identifier(name)))
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 @pytest.fixture
 def settings(db_url: str) -> Settings:
     return Settings(
-        database_url=db_url, batch_size=20, lease_seconds=60, max_attempts=3,
-        backoff_base_s=0.0, backoff_max_s=0.0, statement_timeout_ms=20_000,
+        database_url=db_url,
+        batch_size=20,
+        lease_seconds=60,
+        max_attempts=3,
+        backoff_base_s=0.0,
+        backoff_max_s=0.0,
+        statement_timeout_ms=20_000,
     )
 
 
@@ -89,11 +101,11 @@ def conn(db_url: str, settings: Settings) -> Iterator[Conn]:
 @pytest.fixture
 def make_event(conn: Conn) -> Any:
     """make_event(code="...", k=3, exclude_same_company=True) -> EventRecord."""
-    from core import repository as repo
 
     def factory(code: str | None = None, **settings: Any) -> EventRecord:
-        event = EventIn(code=code or f"ev-{uuid.uuid4().hex[:8]}",
-                        settings=EventSettings(**settings))
+        event = EventIn(
+            code=code or f"ev-{uuid.uuid4().hex[:8]}", settings=EventSettings(**settings)
+        )
         return repo.ensure_event(conn, event)
 
     return factory

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from psycopg.rows import dict_row
+
 from core import repository as repo
 from core.importer import import_profiles
 from core.models import EventIn, EventSettings, Profile
@@ -12,8 +14,6 @@ from core.repository import Conn, EventRecord
 
 def queue_rows(conn: Conn, event_id: int | None = None) -> list[dict[str, Any]]:
     """Every queue row (with user_id), oldest first."""
-    from psycopg.rows import dict_row
-
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(
             "SELECT q.*, p.user_id FROM matchmaking_queue q JOIN profiles p ON p.id = q.profile_id"
@@ -30,7 +30,8 @@ def lists_of(conn: Conn, event_id: int) -> dict[str, list[tuple[str, float]]]:
     return out
 
 
-def add_attendees(conn: Conn, event: EventRecord | str, profiles: list[Profile],
-                  **settings: Any) -> EventRecord:
+def add_attendees(
+    conn: Conn, event: EventRecord | str, profiles: list[Profile], **settings: Any
+) -> EventRecord:
     code = event if isinstance(event, str) else event.code
     return import_profiles(conn, EventIn(code=code, settings=EventSettings(**settings)), profiles)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import psycopg
 from pydantic import ValidationError
 
 from core import repository as repo
@@ -335,9 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ImportFormatError,
         MigrationError,
         DatabaseUnavailableError,
-        FileNotFoundError,
+        OSError,  # missing file, a directory, no permission
     ) as exc:
         print(f"matchmaker: {exc}", file=sys.stderr)
+    except psycopg.OperationalError as exc:
+        print(f"matchmaker: database error: {exc}", file=sys.stderr)
     return EXIT_USAGE
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,8 @@ def _pgserver_module() -> Any:
     )
 
 
-def embedded_server_uri(pgdata: Path, database: str = EMBEDDED_DATABASE) -> str:
+def embedded_server_uri(pgdata: Path, database: str = EMBEDDED_DATABASE,
+                        cleanup_mode: str = "stop") -> str:
     """Start (or reuse) the embedded server in pgdata and return a URI for `database`.
 
     The server stops when the last process using it exits; the data directory stays, so
@@ -45,7 +47,10 @@ def embedded_server_uri(pgdata: Path, database: str = EMBEDDED_DATABASE) -> str:
         server = _embedded_servers.get(pgdata)
         if server is None:
             pgdata.mkdir(parents=True, exist_ok=True)
-            server = _pgserver_module().get_server(pgdata, cleanup_mode="stop")
+            with warnings.catch_warnings():
+                # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI)
+                warnings.simplefilter("ignore")
+                server = _pgserver_module().get_server(pgdata, cleanup_mode=cleanup_mode)
             _embedded_servers[pgdata] = server
     base_uri: str = server.get_uri()
     create_database_if_missing(base_uri, database)

@@ -123,6 +123,8 @@ def upsert_profiles_and_join(conn: Conn, event_id: int, profiles: Sequence[Profi
     Set-based (COPY into a staging table) so a 10,000-row import is one round trip per
     step; the triggers enqueue joins and relevant edits.
     """
+    # A second import in the same outer transaction finds the first one's table.
+    conn.execute(query("drop_profile_staging"))
     conn.execute(query("create_profile_staging"))
     with conn.cursor() as cur, cur.copy(query("copy_profile_staging")) as copy:
         for p in profiles:

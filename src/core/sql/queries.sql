@@ -17,6 +17,9 @@ VALUES (%(code)s, %(name)s, %(k)s, %(exclude_same_company)s, %(weight_interests)
         %(weight_complement)s, %(weight_bio)s, %(embedder)s)
 ON CONFLICT (code) DO NOTHING
 
+-- name: drop_profile_staging
+DROP TABLE IF EXISTS pg_temp.profile_staging
+
 -- name: create_profile_staging
 CREATE TEMP TABLE profile_staging (
     user_id text, name text, company text, title text, bio text,
