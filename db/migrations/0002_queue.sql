@@ -194,7 +194,8 @@ BEGIN
     GET DIAGNOSTICS deleted = ROW_COUNT;
 
     UPDATE matchmaking_queue q
-       SET status = 'pending', priority = greatest(q.priority, coalesce(q.rerun_priority, 0)),
+       -- the original request is done: the rerun runs at the priority it asked for
+       SET status = 'pending', priority = coalesce(q.rerun_priority, q.priority),
            reason = 'rerun', attempts = 0, rerun_requested = false, rerun_priority = NULL,
            lease_token = NULL, lease_expires_at = NULL, run_after = now(), last_error = NULL,
            updated_at = now()

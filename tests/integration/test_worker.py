@@ -1,0 +1,179 @@
+"""The worker: per-user failure isolation, dead rows, deadlines, batch-size invariance."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+import psycopg
+import pytest
+
+from core import repository as repo
+from core.embedder import LocalEmbedder
+from core.engine import EventState
+from core.models import EventIn, EventSettings, Profile
+from core.oracle import verify_event
+from core.repository import EventRecord
+from core.synthetic import generate_profiles
+from core.worker import Matchmaker, default_embedder
+from tests.helpers import add_attendees, lists_of, queue_rows
+
+
+class PoisonEmbedder(LocalEmbedder):
+    """Fails for chosen users, like a provider rejecting one profile."""
+
+    def __init__(self, poison: set[str]) -> None:
+        super().__init__()
+        self.poison = poison
+        self.calls = 0
+
+    def embed(self, profiles: Sequence[Profile]) -> npt.NDArray[np.int16]:
+        self.calls += 1
+        bad = [p.user_id for p in profiles if p.user_id in self.poison]
+        if bad:
+            raise ValueError(f"cannot embed {bad[0]}")
+        return super().embed(profiles)
+
+
+class SlowEmbedder(LocalEmbedder):
+    def embed(self, profiles: Sequence[Profile]) -> npt.NDArray[np.int16]:
+        time.sleep(0.2)
+        return super().embed(profiles)
+
+
+def drain(conn, worker: Matchmaker, seconds: float = 120, batch_size: int | None = None):
+    return worker.run(conn, deadline=time.monotonic() + seconds, batch_size=batch_size)
+
+
+def assert_exact(conn, event: EventRecord) -> None:
+    report = verify_event(conn, event, default_embedder(event).key)
+    assert report.ok, (report.mismatches[:3], report.missing_vectors, report.stale_vectors)
+
+
+def test_a_poison_user_dies_alone_and_everyone_else_is_matched(conn, settings):
+    """Given one profile the embedder always rejects, when the queue drains, then that user
+    is dead after max_attempts with its error kept, and everyone else has exact lists."""
+    people = generate_profiles(40, seed=5, id_prefix="w-")
+    event = add_attendees(conn, "poison-1", people)
+    embedder = PoisonEmbedder({"w-000007"})
+    worker = Matchmaker(settings, embedder_for=lambda _event: embedder)
+
+    report = drain(conn, worker)
+
+    rows = queue_rows(conn, event.id)
+    assert [(r["user_id"], r["status"], r["attempts"]) for r in rows] == [
+        ("w-000007", "dead", settings.max_attempts)
+    ]
+    assert "cannot embed w-000007" in rows[0]["last_error"]
+    assert [d.profile_id for d in report.dead] == [rows[0]["profile_id"]]
+    lists = lists_of(conn, event.id)
+    assert lists["w-000007"] == []
+    assert all(len(v) == 3 for u, v in lists.items() if u != "w-000007")
+    assert all(m != "w-000007" for v in lists.values() for m, _ in v)
+    verdict = verify_event(conn, event, default_embedder(event).key)
+    assert verdict.missing_vectors == ["w-000007"]
+    assert verdict.mismatches == []
+    status = repo.job_status(conn, event.id)
+    assert status["queue"]["dead"] == 1
+    assert status["job"]["dead_count"] == 1
+    assert status["job"]["failed_count"] == settings.max_attempts
+    assert "cannot embed" in status["job"]["last_error"]
+
+    # Redrive after the cause is fixed: the user is matched and the event is exact again.
+    embedder.poison.clear()
+    conn.execute("SELECT mm_redrive(%s)", (event.id,))
+    drain(conn, worker)
+    assert queue_rows(conn, event.id) == []
+    assert_exact(conn, event)
+
+
+def test_a_failing_batch_fails_its_rows_and_the_next_run_recovers(conn, settings, monkeypatch):
+    """Given matching itself raising once, the batch's rows are failed (not lost), the
+    worker's cached state is dropped, and a later drain ends exact."""
+    event = add_attendees(conn, "crash-1", generate_profiles(30, seed=6, id_prefix="c-"))
+    real_process = EventState.process
+    calls = {"n": 0}
+
+    def flaky(self, profile_ids):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated bug")
+        return real_process(self, profile_ids)
+
+    monkeypatch.setattr(EventState, "process", flaky)
+    worker = Matchmaker(settings)
+    first = drain(conn, worker, batch_size=10)
+    assert first.failed == 10
+    assert calls["n"] >= 4  # the failed rows were retried (backoff 0 in tests)
+    assert queue_rows(conn, event.id) == []
+    job = repo.job_status(conn, event.id)["job"]
+    assert job["failed_count"] == 10
+    assert "simulated bug" in job["last_error"]
+    assert_exact(conn, event)
+
+
+def test_the_worker_stops_before_its_deadline_and_the_next_run_finishes(conn, settings):
+    """Given a slow embedder and a short deadline, the run stops early leaving pending
+    work; the next invocation drains the rest and the event is exact."""
+    event = add_attendees(conn, "deadline-1", generate_profiles(60, seed=8, id_prefix="d-"))
+    worker = Matchmaker(settings, embedder_for=lambda _e: SlowEmbedder())
+
+    nothing = worker.run(conn, deadline=time.monotonic(), batch_size=5)
+    assert (nothing.batches, nothing.stopped) == (0, "deadline")
+
+    started = time.monotonic()
+    partial = worker.run(conn, deadline=started + 1.5, batch_size=5)
+    assert partial.stopped == "deadline"
+    assert 0 < partial.completed < 60
+    assert time.monotonic() - started < 1.5  # no batch started that could overrun it
+    assert all(r["status"] == "pending" for r in queue_rows(conn, event.id))
+
+    rest = drain(conn, worker, batch_size=5)
+    assert rest.stopped == "drained"
+    assert partial.completed + rest.completed == 60
+    assert_exact(conn, event)
+
+
+def test_an_edit_during_processing_reruns_the_user(conn, settings, db_url):
+    """Given a claimed batch, when a profile in it is edited before the batch commits, the
+    row is re-queued (not deleted) and the final lists use the new profile."""
+    event = add_attendees(conn, "rerun-1", generate_profiles(12, seed=9, id_prefix="r-"))
+    worker = Matchmaker(settings)
+    claimed = repo.claim(conn, 12, 60)
+    with psycopg.connect(db_url, autocommit=True) as other:
+        other.execute(
+            "UPDATE profiles SET interests = '{quantum computing}' WHERE user_id = 'r-000003'"
+        )
+    worker.process_claimed(conn, claimed)
+    rows = queue_rows(conn, event.id)
+    assert [(r["user_id"], r["status"], r["reason"], r["priority"]) for r in rows] == [
+        ("r-000003", "pending", "rerun", 2)
+    ]
+    drain(conn, worker)
+    assert_exact(conn, event)
+
+
+@pytest.mark.parametrize("exclude_same_company", [True, False])
+def test_lists_do_not_depend_on_batch_size_or_worker(conn, settings, exclude_same_company):
+    """The same crowd joined into four events, drained with batch sizes 1, 7, 50 and 300,
+    gives identical, exact lists: the bump rule loses nothing between batches."""
+    people = generate_profiles(150, seed=11, id_prefix=f"b{int(exclude_same_company)}-")
+    events = []
+    for size in (1, 7, 50, 300):
+        event = repo.ensure_event(
+            conn,
+            EventIn(
+                code=f"batch-{size}-{int(exclude_same_company)}",
+                settings=EventSettings(exclude_same_company=exclude_same_company),
+            ),
+        )
+        add_attendees(conn, event, people)
+        drain(conn, Matchmaker(settings), batch_size=size)
+        events.append(event)
+    reference = lists_of(conn, events[0].id)
+    assert len(reference) == 150
+    for event in events:
+        assert lists_of(conn, event.id) == reference
+        assert_exact(conn, event)
