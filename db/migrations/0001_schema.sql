@@ -45,7 +45,7 @@ CREATE TABLE attendees (
     change_xid  xid8 NOT NULL DEFAULT pg_current_xact_id(),
     PRIMARY KEY (event_id, profile_id)
 );
-CREATE INDEX attendees_profile_idx ON attendees (profile_id) WHERE active;
+CREATE INDEX attendees_profile_idx ON attendees (profile_id);  -- events of a user; FK
 CREATE INDEX attendees_change_xid_idx ON attendees (event_id, change_xid);
 
 -- One vector per (profile, embedder key): all events using the same embedder share it.
@@ -73,6 +73,7 @@ CREATE TABLE dismissals (
     CHECK (profile_id <> dismissed_profile_id)
 );
 CREATE INDEX dismissals_change_xid_idx ON dismissals (event_id, change_xid);
+CREATE INDEX dismissals_dismissed_idx ON dismissals (dismissed_profile_id);  -- FK cascade
 
 CREATE TABLE user_matches (
     event_id           bigint NOT NULL REFERENCES events (id) ON DELETE CASCADE,
@@ -85,5 +86,6 @@ CREATE TABLE user_matches (
     PRIMARY KEY (event_id, profile_id, rank),
     CHECK (profile_id <> matched_profile_id)
 );
--- Who has X on their list? (leave trigger, dismissal handling)
-CREATE INDEX user_matches_matched_idx ON user_matches (event_id, matched_profile_id);
+-- Who has X on their list? (departure trigger). Leads with matched_profile_id so the
+-- planner never mistakes it for the owner lookup, which must use the primary key.
+CREATE INDEX user_matches_matched_idx ON user_matches (matched_profile_id, event_id);

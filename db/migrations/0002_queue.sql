@@ -30,6 +30,7 @@ CREATE UNIQUE INDEX matchmaking_queue_live_key
 -- Matches the claim's WHERE and ORDER BY exactly.
 CREATE INDEX matchmaking_queue_claim_idx
     ON matchmaking_queue (event_id, priority DESC, run_after, id) WHERE status = 'pending';
+CREATE INDEX matchmaking_queue_profile_idx ON matchmaking_queue (profile_id);  -- FK cascade
 CREATE INDEX matchmaking_queue_lease_idx
     ON matchmaking_queue (lease_expires_at) WHERE status = 'running';
 CREATE INDEX matchmaking_queue_dead_idx
@@ -103,12 +104,19 @@ BEGIN
         updated_at = now();
     GET DIAGNOSTICS touched = ROW_COUNT;
 
+    -- Touch the job row only when its status must change: a worker's batch locks the
+    -- job row before the queue rows it completes, so locking them in the opposite order
+    -- here on every enqueue would deadlock with it.
     IF touched > 0 THEN
-        INSERT INTO matchmaking_jobs AS j (event_id, status, started_at)
-        VALUES (p_event_id, 'running', now())
-        ON CONFLICT (event_id) DO UPDATE
-            SET status = 'running', started_at = now(), finished_at = NULL, updated_at = now()
-            WHERE j.status IN ('idle', 'done');
+        UPDATE matchmaking_jobs j
+           SET status = 'running', started_at = now(), finished_at = NULL, updated_at = now()
+         WHERE j.event_id = p_event_id AND j.status IN ('idle', 'done');
+        IF NOT FOUND AND NOT EXISTS (SELECT 1 FROM matchmaking_jobs j
+                                      WHERE j.event_id = p_event_id) THEN
+            INSERT INTO matchmaking_jobs (event_id, status, started_at)
+            VALUES (p_event_id, 'running', now())
+            ON CONFLICT (event_id) DO NOTHING;
+        END IF;
     END IF;
     RETURN touched;
 END
@@ -215,8 +223,13 @@ RETURNS TABLE (queue_id bigint, event_id bigint, profile_id bigint, status text,
 LANGUAGE sql
 AS $$
     UPDATE matchmaking_queue q
-       SET status = CASE WHEN q.attempts >= p_max_attempts THEN 'dead' ELSE 'pending' END,
-           dead_at = CASE WHEN q.attempts >= p_max_attempts THEN now() END,
+       -- an edit that arrived during the attempt is a new request: it gets fresh
+       -- attempts instead of being buried with the dead row
+       SET status = CASE WHEN q.attempts >= p_max_attempts AND NOT q.rerun_requested
+                         THEN 'dead' ELSE 'pending' END,
+           dead_at = CASE WHEN q.attempts >= p_max_attempts AND NOT q.rerun_requested
+                          THEN now() END,
+           attempts = CASE WHEN q.rerun_requested THEN 0 ELSE q.attempts END,
            priority = greatest(q.priority, coalesce(q.rerun_priority, 0)),
            rerun_requested = false, rerun_priority = NULL,
            run_after = now() + make_interval(secs =>
@@ -237,8 +250,11 @@ RETURNS TABLE (queue_id bigint, event_id bigint, profile_id bigint, status text,
 LANGUAGE sql
 AS $$
     UPDATE matchmaking_queue q
-       SET status = CASE WHEN q.attempts >= p_max_attempts THEN 'dead' ELSE 'pending' END,
-           dead_at = CASE WHEN q.attempts >= p_max_attempts THEN now() END,
+       SET status = CASE WHEN q.attempts >= p_max_attempts AND NOT q.rerun_requested
+                         THEN 'dead' ELSE 'pending' END,
+           dead_at = CASE WHEN q.attempts >= p_max_attempts AND NOT q.rerun_requested
+                          THEN now() END,
+           attempts = CASE WHEN q.rerun_requested THEN 0 ELSE q.attempts END,
            priority = greatest(q.priority, coalesce(q.rerun_priority, 0)),
            rerun_requested = false, rerun_priority = NULL,
            lease_token = NULL, lease_expires_at = NULL, run_after = now(),

@@ -24,6 +24,7 @@ from core.oracle import VerifyReport
 from core.repository import Conn, EventRecord
 from core.runner import (
     default_event,
+    delete_event,
     delete_profiles_with_prefix,
     drain,
     import_and_match,
@@ -227,9 +228,9 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     with open_database(settings) as conn:
         for size in sizes:
             prefix = f"bench{size}-"
-            delete_profiles_with_prefix(conn, prefix)
             event = default_event(f"bench-{size}")
-            recreate_event(conn, event)
+            recreate_event(conn, event)  # first: deleting the event is the cheap cascade
+            delete_profiles_with_prefix(conn, prefix)
             profiles = generate_profiles(size, seed=args.seed, id_prefix=prefix)
             run = import_and_match(
                 conn,
@@ -257,8 +258,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
                 f"{row['lists_written']:>8} {verified!s:>7}",
                 flush=True,
             )
+            delete_event(conn, event.code)
             delete_profiles_with_prefix(conn, prefix)
-            recreate_event(conn, event)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return EXIT_OK if all(r["verified"] in (True, None) for r in rows) else EXIT_PROBLEM

@@ -29,6 +29,7 @@ from core.scoring import (
     NO_MATCH,
     Coefficients,
     FloatMatrix,
+    block_dim,
     IndexMatrix,
     merge_top_k,
     pair_scores,
@@ -66,7 +67,8 @@ class EventState:
         # matchable: an active attendee whose vector is present
         self.matchable = np.zeros(0, dtype=bool)
         self.company = np.zeros(0, dtype=np.int32)
-        self.matrix = np.zeros((0, width), dtype=np.float32)
+        # (4, capacity, d): the I, S, O, B blocks, each contiguous for BLAS
+        self.blocks = np.zeros((4, 0, block_dim(width)), dtype=np.float32)
         self.tags: list[TagProfile | None] = []
         self.dismissed: dict[int, set[int]] = {}
         self.top_idx: IndexMatrix = np.zeros((0, self.k), dtype=np.int64)
@@ -110,7 +112,9 @@ class EventState:
         self.profile_ids = grown(self.profile_ids, 0)
         self.matchable = grown(self.matchable, False)
         self.company = grown(self.company, NO_COMPANY)
-        self.matrix = grown(self.matrix, 0)
+        blocks = np.zeros((4, new_capacity, self.blocks.shape[2]), dtype=np.float32)
+        blocks[:, : self.n] = self.blocks[:, : self.n]
+        self.blocks = blocks
         self.top_idx = grown(self.top_idx, NO_MATCH)
         self.top_val = grown(self.top_val, EXCLUDED)
 
@@ -135,7 +139,7 @@ class EventState:
                 raise VectorShapeError(
                     f"vector of {member.user_id} has {vector.size} dims, expected {self.width}"
                 )
-            self.matrix[row] = vector
+            self.blocks[:, row] = vector.reshape(4, -1)
         self.matchable[row] = member.active and member.vector is not None
         company = member.company.strip().casefold()
         self.company[row] = (
@@ -172,7 +176,7 @@ class EventState:
     def masked_scores(self, rows: npt.NDArray[np.int64]) -> FloatMatrix:
         """Scores of `rows` against every row, exclusions set to EXCLUDED."""
         n = self.n
-        scores = pair_scores(self.matrix[rows], self.matrix[:n], self.coef)
+        scores = pair_scores(self.blocks[:, rows], self.blocks[:, :n], self.coef)
         scores[:, ~self.matchable[:n]] = EXCLUDED
         scores[np.arange(rows.size), rows] = EXCLUDED
         if self.exclude_same_company:

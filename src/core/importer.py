@@ -11,6 +11,9 @@ from core.models import EventIn, Profile
 from core.repository import Conn, EventRecord
 
 
+ANALYZE_AFTER_ROWS = 1000
+
+
 @dataclass
 class ImportReport:
     event: EventRecord
@@ -24,6 +27,9 @@ def import_profiles(conn: Conn, event: EventIn, profiles: list[Profile]) -> Even
         record = repo.ensure_event(conn, event)
         if profiles:
             repo.upsert_profiles_and_join(conn, record.id, profiles)
+    if len(profiles) >= ANALYZE_AFTER_ROWS:
+        # Matching starts right away: don't let it plan against pre-import statistics.
+        repo.analyze_matching_tables(conn)
     return record
 
 

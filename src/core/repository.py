@@ -135,6 +135,10 @@ def upsert_profiles_and_join(conn: Conn, event_id: int, profiles: Sequence[Profi
     conn.execute(query("join_staged_profiles"), {"event_id": event_id})
 
 
+def analyze_matching_tables(conn: Conn) -> None:
+    conn.execute(query("analyze_matching_tables"))
+
+
 def leave_event(conn: Conn, event_id: int, user_id: str) -> bool:
     cur = conn.execute(query("leave_event"), {"event_id": event_id, "user_id": user_id})
     return cur.rowcount > 0

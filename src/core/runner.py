@@ -68,6 +68,10 @@ def recreate_event(conn: Conn, event: EventIn) -> EventRecord:
         return repo.ensure_event(conn, event)
 
 
+def delete_event(conn: Conn, code: str) -> None:
+    conn.execute(query("delete_event"), {"code": code})
+
+
 def delete_profiles_with_prefix(conn: Conn, prefix: str) -> None:
     conn.execute(query("delete_profiles_with_prefix"), {"prefix": prefix})
 

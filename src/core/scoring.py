@@ -49,16 +49,24 @@ def block_dim(width: int) -> int:
     return width // 4
 
 
+def to_blocks(vectors: npt.NDArray[np.integer] | npt.NDArray[np.floating]
+              ) -> npt.NDArray[np.float32]:
+    """(n, 4d) rows [I | S | O | B] -> (4, n, d) float32, each block C-contiguous so that
+    `blocks[b][:n]` feeds BLAS without a copy."""
+    n, width = vectors.shape
+    d = block_dim(width)
+    return np.ascontiguousarray(vectors.reshape(n, 4, d).transpose(1, 0, 2), dtype=np.float32)
+
+
 def pair_scores(
     query: npt.NDArray[np.float32], target: npt.NDArray[np.float32], coef: Coefficients
 ) -> FloatMatrix:
-    """Scores of every query row against every target row (rows are [I | S | O | B])."""
-    d = block_dim(query.shape[1])
-    interests = query[:, :d] @ target[:, :d].T
-    # S_q·O_t + O_q·S_t: integers below 2^24 each, their float32 sum stays exact.
-    complement = query[:, d : 2 * d] @ target[:, 2 * d : 3 * d].T
-    complement += query[:, 2 * d : 3 * d] @ target[:, d : 2 * d].T
-    bio = query[:, 3 * d :] @ target[:, 3 * d :].T
+    """Scores of every query row against every target row; both in to_blocks() layout."""
+    interests = query[0] @ target[0].T
+    # S_q·O_t + O_q·S_t: integers below 2^23 each, their float32 sum stays exact.
+    complement = query[1] @ target[2].T
+    complement += query[2] @ target[1].T
+    bio = query[3] @ target[3].T
     return combine(interests, complement, bio, coef)
 
 

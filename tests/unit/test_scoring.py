@@ -9,7 +9,15 @@ from hypothesis.extra.numpy import arrays
 
 from core.embedder import LocalEmbedder
 from core.models import MatchWeights, Profile
-from core.scoring import EXCLUDED, NO_MATCH, Coefficients, merge_top_k, pair_scores, top_k
+from core.scoring import (
+    EXCLUDED,
+    NO_MATCH,
+    Coefficients,
+    merge_top_k,
+    pair_scores,
+    to_blocks,
+    top_k,
+)
 from core.synthetic import generate_profiles
 
 
@@ -67,7 +75,7 @@ def test_scores_are_exact_integer_combinations():
     """float32 BLAS on quantised blocks gives the same bits as int64 arithmetic."""
     m = _vectors(300)
     coef = Coefficients.from_weights(MatchWeights(interests=0.7, complementarity=1.3, bio=0.4))
-    got = pair_scores(m, m, coef)
+    got = pair_scores(to_blocks(m), to_blocks(m), coef)
     q = m.astype(np.int64)
     d = q.shape[1] // 4
     interests = q[:, :d] @ q[:, :d].T
@@ -84,11 +92,12 @@ def test_scores_are_exact_integer_combinations():
 def test_scores_are_bitwise_symmetric_and_batch_invariant():
     m = _vectors(400)
     coef = Coefficients.from_weights(MatchWeights())
-    full = pair_scores(m, m, coef)
+    b = to_blocks(m)
+    full = pair_scores(b, b, coef)
     assert np.array_equal(full, full.T)
-    chunked = np.vstack([pair_scores(m[i : i + 37], m, coef) for i in range(0, 400, 37)])
+    chunked = np.vstack([pair_scores(b[:, i : i + 37], b, coef) for i in range(0, 400, 37)])
     assert np.array_equal(full, chunked)
-    single = np.vstack([pair_scores(m[i : i + 1], m, coef) for i in range(0, 400, 53)])
+    single = np.vstack([pair_scores(b[:, i : i + 1], b, coef) for i in range(0, 400, 53)])
     assert np.array_equal(full[::53], single)
     assert np.all(np.abs(full) <= 1.0 + 1e-9)
 
@@ -100,6 +109,6 @@ def test_complementarity_rewards_two_way_seek_offer():
     investor = Profile(user_id="i", seeking=["equity"], offering=["seed funding"])
     stranger = Profile(user_id="s", seeking=["gardening tips"], offering=["poetry"])
     m = LocalEmbedder().embed([founder, investor, stranger]).astype(np.float32)
-    s = pair_scores(m, m, Coefficients.from_weights(MatchWeights()))
+    s = pair_scores(to_blocks(m), to_blocks(m), Coefficients.from_weights(MatchWeights()))
     assert s[0, 1] > 0.3
     assert s[0, 1] > s[0, 2]

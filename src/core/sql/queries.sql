@@ -47,6 +47,9 @@ INSERT INTO attendees AS a (event_id, profile_id)
 SELECT %(event_id)s, p.id FROM profile_staging s JOIN profiles p USING (user_id)
 ON CONFLICT (event_id, profile_id) DO UPDATE SET active = true WHERE NOT a.active
 
+-- name: analyze_matching_tables
+ANALYZE profiles, attendees, matchmaking_queue, profile_vectors
+
 -- name: profile_ids_by_user_ids
 SELECT user_id, id FROM profiles WHERE user_id = ANY(%(user_ids)s)
 
@@ -107,17 +110,21 @@ SELECT a.profile_id, p.user_id, a.active, p.company, p.interests, p.seeking, p.o
  WHERE a.event_id = %(event_id)s
 
 -- name: event_members_changed
+-- Each branch starts from its change_xid index and checks membership by primary key,
+-- so the cost follows the number of changes, not the size of the event.
 WITH changed AS (
     SELECT a.profile_id FROM attendees a
      WHERE a.event_id = %(event_id)s AND a.change_xid >= %(since)s::xid8
     UNION
-    SELECT a.profile_id FROM profiles p
-      JOIN attendees a ON a.profile_id = p.id AND a.event_id = %(event_id)s
+    SELECT p.id FROM profiles p
      WHERE p.change_xid >= %(since)s::xid8
+       AND EXISTS (SELECT 1 FROM attendees a
+                    WHERE a.event_id = %(event_id)s AND a.profile_id = p.id)
     UNION
-    SELECT a.profile_id FROM profile_vectors v
-      JOIN attendees a ON a.profile_id = v.profile_id AND a.event_id = %(event_id)s
+    SELECT v.profile_id FROM profile_vectors v
      WHERE v.embedder = %(embedder)s AND v.change_xid >= %(since)s::xid8
+       AND EXISTS (SELECT 1 FROM attendees a
+                    WHERE a.event_id = %(event_id)s AND a.profile_id = v.profile_id)
 )
 SELECT a.profile_id, p.user_id, a.active, p.company, p.interests, p.seeking, p.offering,
        v.vector
