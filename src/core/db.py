@@ -36,8 +36,9 @@ def _pgserver_module() -> Any:
     )
 
 
-def embedded_server_uri(pgdata: Path, database: str = EMBEDDED_DATABASE,
-                        cleanup_mode: str = "stop") -> str:
+def embedded_server_uri(
+    pgdata: Path, database: str = EMBEDDED_DATABASE, cleanup_mode: str = "stop"
+) -> str:
     """Start (or reuse) the embedded server in pgdata and return a URI for `database`.
 
     The server stops when the last process using it exits; the data directory stays, so

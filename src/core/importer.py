@@ -10,7 +10,6 @@ from core.import_parser import ParsedImport, RowError, parse_import_file
 from core.models import EventIn, Profile
 from core.repository import Conn, EventRecord
 
-
 ANALYZE_AFTER_ROWS = 1000
 
 

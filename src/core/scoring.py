@@ -49,8 +49,9 @@ def block_dim(width: int) -> int:
     return width // 4
 
 
-def to_blocks(vectors: npt.NDArray[np.integer] | npt.NDArray[np.floating]
-              ) -> npt.NDArray[np.float32]:
+def to_blocks(
+    vectors: npt.NDArray[np.integer] | npt.NDArray[np.floating],
+) -> npt.NDArray[np.float32]:
     """(n, 4d) rows [I | S | O | B] -> (4, n, d) float32, each block C-contiguous so that
     `blocks[b][:n]` feeds BLAS without a copy."""
     n, width = vectors.shape
