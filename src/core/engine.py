@@ -37,6 +37,8 @@ from core.scoring import (
 )
 
 NO_COMPANY = -1
+# Score against every row (a slice) once this share of rows is matchable.
+DENSE_FRACTION = 0.6
 
 
 class VectorShapeError(ValueError):
@@ -173,19 +175,49 @@ class EventState:
 
     # --- matching ------------------------------------------------------------------------
 
-    def masked_scores(self, rows: npt.NDArray[np.int64]) -> FloatMatrix:
-        """Scores of `rows` against every row, exclusions set to EXCLUDED."""
+    def _columns(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """The rows worth scoring against, and each row's position among them (-1: none).
+
+        While an event fills up (a from-scratch drain) most rows have no vector yet, so
+        only matchable rows are scored; once most are matchable, every row is scored (a
+        free slice, no copy) and the rest masked.
+        """
         n = self.n
-        scores = pair_scores(self.blocks[:, rows], self.blocks[:, :n], self.coef)
-        scores[:, ~self.matchable[:n]] = EXCLUDED
-        scores[np.arange(rows.size), rows] = EXCLUDED
+        matchable = np.flatnonzero(self.matchable[:n])
+        cols = matchable if matchable.size < DENSE_FRACTION * n else np.arange(n)
+        col_pos = np.full(n, -1, dtype=np.int64)
+        col_pos[cols] = np.arange(cols.size)
+        return cols, col_pos
+
+    def masked_scores(
+        self,
+        rows: npt.NDArray[np.int64],
+        cols: npt.NDArray[np.int64],
+        col_pos: npt.NDArray[np.int64],
+    ) -> FloatMatrix:
+        """Scores of `rows` against `cols`, exclusions set to EXCLUDED."""
+        dense = cols.size == self.n
+        target = self.blocks[:, : self.n] if dense else self.blocks[:, cols]
+        scores = pair_scores(self.blocks[:, rows], target, self.coef)
+        if dense:
+            scores[:, ~self.matchable[: self.n]] = EXCLUDED
+        own = col_pos[rows]
+        scored_self = own >= 0
+        scores[np.flatnonzero(scored_self), own[scored_self]] = EXCLUDED
         if self.exclude_same_company:
-            own = self.company[rows][:, None]
-            scores[(own == self.company[None, :n]) & (own != NO_COMPANY)] = EXCLUDED
+            company = self.company[rows][:, None]
+            scores[(company == self.company[cols][None, :]) & (company != NO_COMPANY)] = EXCLUDED
         for i, row in enumerate(rows.tolist()):
             for other in self.dismissed.get(row, ()):
-                scores[i, other] = EXCLUDED
+                if col_pos[other] >= 0:
+                    scores[i, col_pos[other]] = EXCLUDED
         return scores
+
+    def _best(
+        self, scores: FloatMatrix, cols: npt.NDArray[np.int64]
+    ) -> tuple[IndexMatrix, FloatMatrix]:
+        positions, values = top_k(scores, self.id_rank[cols], self.k)
+        return np.where(positions >= 0, cols[np.maximum(positions, 0)], NO_MATCH), values
 
     def process(self, profile_ids: list[int]) -> BatchChanges:
         """Recompute the given users and propagate to everyone else (see module doc)."""
@@ -200,18 +232,29 @@ class EventState:
 
         if batch.size:
             id_rank = self.id_rank
-            block = self.masked_scores(batch)
-            new_idx[batch], new_val[batch] = top_k(block, id_rank, k)
+            cols, col_pos = self._columns()
+            block = self.masked_scores(batch, cols, col_pos)
+            new_idx[batch], new_val[batch] = self._best(block, cols)
             changes.matched_users = int(batch.size)
 
-            others = np.flatnonzero(self.matchable[:n])
-            others = others[~np.isin(others, batch)]
-            if others.size:
-                theirs = block[:, others].T  # (others, batch): symmetric scores
-                old_idx, old_val = self.top_idx[others], self.top_val[others]
-                batch_pos = np.full(n, -1, dtype=np.int64)
-                batch_pos[batch] = np.arange(batch.size)
-                entry_pos = np.where(old_idx >= 0, batch_pos[np.maximum(old_idx, 0)], -1)
+            # Everyone else who is matchable, as positions among cols.
+            is_other = self.matchable[cols].copy()
+            is_other[col_pos[batch]] = False
+            other_pos = np.flatnonzero(is_other)
+            others = cols[other_pos]
+            old_idx, old_val = self.top_idx[others], self.top_val[others]
+            batch_pos = np.full(n, -1, dtype=np.int64)
+            batch_pos[batch] = np.arange(batch.size)
+            entry_pos = np.where(old_idx >= 0, batch_pos[np.maximum(old_idx, 0)], -1)
+            # Only rows where the batch can change something: one of the batch is on the
+            # list already, or a batch score reaches the k-th (ties included).
+            reaches = block[:, other_pos].max(axis=0) >= old_val[:, k - 1]
+            touched = np.flatnonzero((entry_pos >= 0).any(axis=1) | reaches)
+            if touched.size:
+                rows = others[touched]
+                theirs = block[:, other_pos[touched]].T  # (rows, batch): symmetric scores
+                old_idx, old_val = old_idx[touched], old_val[touched]
+                entry_pos = entry_pos[touched]
                 in_batch = entry_pos >= 0
                 rescored = np.take_along_axis(theirs, np.maximum(entry_pos, 0), axis=1)
                 needs_full = (in_batch & (rescored < old_val)).any(axis=1)
@@ -224,13 +267,13 @@ class EventState:
                     id_rank,
                     k,
                 )
-                full_rows = others[needs_full]
+                full_rows = rows[needs_full]
                 if full_rows.size:
-                    merged_idx[needs_full], merged_val[needs_full] = top_k(
-                        self.masked_scores(full_rows), id_rank, k
+                    merged_idx[needs_full], merged_val[needs_full] = self._best(
+                        self.masked_scores(full_rows, cols, col_pos), cols
                     )
                     changes.recomputed_neighbours = int(full_rows.size)
-                new_idx[others], new_val[others] = merged_idx, merged_val
+                new_idx[rows], new_val[rows] = merged_idx, merged_val
 
         differs = (new_idx != self.top_idx[:n]).any(axis=1) | (new_val != self.top_val[:n]).any(
             axis=1
