@@ -268,3 +268,18 @@ class Matchmaker:
             with conn.transaction():
                 repo.store_vectors(conn, embedder.key, vectors)
         return [row for row in claimed if row.queue_id not in failures]
+
+
+def run_worker(
+    conn: Conn,
+    settings: Settings,
+    *,
+    deadline: float,
+    batch_size: int | None = None,
+    matchmaker: Matchmaker | None = None,
+) -> WorkerReport:
+    """Recover expired leases, then claim and process batches until the queue is drained
+    or `deadline` (a time.monotonic() value) nears. Pass a long-lived `matchmaker` to keep
+    event state between invocations (a warm Lambda container)."""
+    worker = matchmaker or Matchmaker(settings)
+    return worker.run(conn, deadline=deadline, batch_size=batch_size)

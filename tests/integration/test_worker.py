@@ -17,7 +17,7 @@ from core.models import EventIn, EventSettings, Profile
 from core.oracle import verify_event
 from core.repository import EventRecord
 from core.synthetic import generate_profiles
-from core.worker import Matchmaker, default_embedder
+from core.worker import Matchmaker, default_embedder, run_worker
 from tests.helpers import add_attendees, lists_of, queue_rows
 
 
@@ -120,7 +120,7 @@ def test_the_worker_stops_before_its_deadline_and_the_next_run_finishes(conn, se
     event = add_attendees(conn, "deadline-1", generate_profiles(60, seed=8, id_prefix="d-"))
     worker = Matchmaker(settings, embedder_for=lambda _e: SlowEmbedder())
 
-    nothing = worker.run(conn, deadline=time.monotonic(), batch_size=5)
+    nothing = run_worker(conn, settings, deadline=time.monotonic(), batch_size=5, matchmaker=worker)
     assert (nothing.batches, nothing.stopped) == (0, "deadline")
 
     started = time.monotonic()
