@@ -18,7 +18,7 @@ from typing import Any, Final, Literal, get_args
 
 from pydantic import ValidationError
 
-from core.models import Profile
+from core.models import Profile, unstorable_text_problem
 
 __all__ = [
     "LIST_FIELDS",
@@ -61,7 +61,6 @@ _CSV_ERRORS: Final[Mapping[str, str]] = {
     "unexpected end of data": "unterminated quoted cell: the record runs to the end of the file",
     "',' expected after '\"'": "a closing quote must be followed by ',' or the end of the line",
 }
-_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
 class ImportFormatError(ValueError):
@@ -161,6 +160,8 @@ def _format_problem(err: Mapping[str, Any]) -> str:
         # Anchors are noise to a human reading "must match ...".
         pattern = str(ctx["pattern"]).removeprefix("^").removesuffix("$")
         return _with_path(loc, f"must match {pattern}")
+    if kind == "value_error":  # our own validators' messages, without pydantic's prefix
+        return _with_path(loc, str(err.get("msg", "invalid value")).removeprefix("Value error, "))
     return _with_path(loc, str(err.get("msg", "invalid value")))
 
 
@@ -187,37 +188,6 @@ def _json_type_name(value: object) -> str:
     if value is None:
         return "null"
     return type(value).__name__
-
-
-def _bad_char_message(text: str, unit: str = "column") -> str | None:
-    """Why `text` cannot be stored as UTF-8 text in PostgreSQL, or None if it can."""
-    match = _SURROGATE.search(text)
-    if match is not None:
-        code = ord(match.group())
-        where = f"{unit} {match.start() + 1}"
-        if 0xDC80 <= code <= 0xDCFF:  # a byte smuggled through by surrogateescape
-            return f"invalid UTF-8 (byte 0x{code - 0xDC00:02X} at {where})"
-        return f"unpaired surrogate U+{code:04X} at {where}"
-    if "\x00" in text:
-        return f"NUL character at {unit} {text.index(chr(0)) + 1}"
-    return None
-
-
-def _unstorable_field(profile: Profile) -> str | None:
-    # A NUL (JSON "\u0000", or raw in CSV) passes pydantic's str check but PostgreSQL
-    # text cannot hold it, so it is rejected here with the field named.
-    for name in _PROFILE_FIELDS:
-        value = getattr(profile, name)
-        labelled = (
-            [(f"{name}.{i}", item) for i, item in enumerate(value)]
-            if isinstance(value, list)
-            else [(name, value)]
-        )
-        for where, text in labelled:
-            problem = _bad_char_message(text, unit="character")
-            if problem is not None:
-                return f"{where}: {problem}"
-    return None
 
 
 def _utf8_len(text: str) -> int:
@@ -252,10 +222,6 @@ class _Collector:
             profile = Profile.model_validate(record)
         except ValidationError as exc:
             self.error(line, format_validation_error(exc))
-            return
-        problem = _unstorable_field(profile)
-        if problem is not None:
-            self.error(line, problem)
             return
         first = self._first_line.get(profile.user_id)
         if first is not None:
@@ -297,7 +263,7 @@ def _parse_jsonl(text: str) -> ParsedImport:
         line = raw.rstrip("\r\n")
         if not line.strip():
             continue
-        problem = _too_long_message(line) or _bad_char_message(line)
+        problem = _too_long_message(line) or unstorable_text_problem(line)
         if problem is not None:
             out.error(number, problem)
             continue
@@ -406,13 +372,15 @@ def _check_header(cells: list[str]) -> tuple[list[str], str | None]:
     bad_chars = [
         f"column {i}: {p}"
         for i, n in enumerate(names, start=1)
-        if (p := _bad_char_message(n, unit="character"))
+        if (p := unstorable_text_problem(n, unit="character"))
     ]
     problems.extend(bad_chars)
     unnamed = [str(i) for i, name in enumerate(names, start=1) if not name]
     if unnamed:
         problems.append(f"column(s) {', '.join(unnamed)} have no name")
-    unknown = [n for n in names if n and n not in _PROFILE_FIELDS and not _SURROGATE.search(n)]
+    unknown = [
+        n for n in names if n and n not in _PROFILE_FIELDS and not unstorable_text_problem(n)
+    ]
     if unknown:
         label = "unknown column" if len(unknown) == 1 else "unknown columns"
         problems.append(
@@ -438,7 +406,7 @@ def _add_csv_record(
         return
     record: dict[str, Any] = {}
     for name, cell in zip(header, cells, strict=True):
-        problem = _bad_char_message(cell, unit="character")
+        problem = unstorable_text_problem(cell, unit="character")
         if problem is not None:
             out.error(start, f"{name}: {problem}")
             return

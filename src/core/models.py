@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
@@ -12,6 +13,23 @@ EVENT_CODE_PATTERN = r"^[A-Za-z0-9-]{3,64}$"
 MAX_BIO_CHARS = 4000
 MAX_TAGS = 50
 MAX_TAG_CHARS = 200
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unstorable_text_problem(text: str, unit: str = "column") -> str | None:
+    """Why `text` cannot be stored as UTF-8 text in PostgreSQL, or None if it can."""
+    match = _SURROGATE.search(text)
+    if match is not None:
+        code = ord(match.group())
+        where = f"{unit} {match.start() + 1}"
+        if 0xDC80 <= code <= 0xDCFF:  # a byte smuggled through by surrogateescape
+            return f"invalid UTF-8 (byte 0x{code - 0xDC00:02X} at {where})"
+        return f"unpaired surrogate U+{code:04X} at {where}"
+    if "\x00" in text:
+        return f"NUL character at {unit} {text.index(chr(0)) + 1}"
+    return None
+
 
 UserId = Annotated[str, StringConstraints(pattern=USER_ID_PATTERN)]
 EventCode = Annotated[str, StringConstraints(pattern=EVENT_CODE_PATTERN)]
@@ -25,6 +43,15 @@ class StrictModel(BaseModel):
     """Rejects unknown fields by name, so a typo never silently drops data."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _storable_text(cls, value: object) -> object:
+        # PostgreSQL text cannot hold U+0000 or lone surrogates: a 4xx here, not a 500 later.
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and (problem := unstorable_text_problem(text, "character")):
+                raise ValueError(problem)
+        return value
 
 
 class Profile(StrictModel):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import os
 
-from aws_lambda_powertools import Logger, Metrics
+from aws_lambda_powertools import Logger, Metrics, Tracer
 
 SERVICE_NAME = "matchmaker"
 
 logger = Logger(service=SERVICE_NAME, level=os.environ.get("LOG_LEVEL", "INFO"))
 metrics = Metrics(namespace="Matchmaker", service=SERVICE_NAME)
+tracer = Tracer(service=SERVICE_NAME)
 
 
 def quiet_for_cli(level: int = logging.WARNING) -> None:

@@ -152,6 +152,86 @@ def dismiss(conn: Conn, event_id: int, user_id: str, dismissed_user_id: str) -> 
     return cur.rowcount > 0
 
 
+def upsert_attendee(conn: Conn, event_id: int, profile: Profile) -> str:
+    """Upsert one profile and make it an active attendee: 'joined', 'updated' or 'unchanged'."""
+    params = {"event_id": event_id, **profile.model_dump()}
+    before = conn.execute(query("attendee_state"), params).fetchone()
+    conn.execute(query("upsert_profile"), params)
+    conn.execute(query("join_event"), params)
+    if before is None or not before[2]:
+        return "joined"
+    return "unchanged" if before[1] else "updated"
+
+
+def attendee_matches(conn: Conn, event_id: int, user_id: str) -> list[dict[str, Any]] | None:
+    """The attendee's ranked matches, or None when they are not an active attendee."""
+    rows = conn.execute(
+        query("attendee_matches"), {"event_id": event_id, "user_id": user_id}
+    ).fetchall()
+    if not rows:
+        return None
+    return [
+        {"user_id": other, "rank": rank, "score": round(score, 6), "reasons": reasons}
+        for other, rank, score, reasons in rows
+        if other is not None
+    ]
+
+
+def both_attend(conn: Conn, event_id: int, user_id: str, other_id: str) -> bool:
+    row = conn.execute(
+        query("active_attendee_count"), {"event_id": event_id, "user_ids": [user_id, other_id]}
+    ).fetchone()
+    return bool(row and row[0] == 2)
+
+
+def enqueue_for_matching(
+    conn: Conn,
+    event_id: int,
+    *,
+    user_ids: list[str] | None,
+    only_unmatched: bool,
+    priority: int,
+    reason: str,
+) -> int:
+    """Queue the given active attendees, or every active attendee (optionally only those
+    without a list yet). Returns how many rows were queued or coalesced."""
+    if user_ids is not None:
+        cur = conn.execute(
+            query("enqueue_users"),
+            {"event_id": event_id, "user_ids": user_ids, "priority": priority, "reason": reason},
+        )
+    else:
+        cur = conn.execute(
+            query("enqueue_active"),
+            {
+                "event_id": event_id,
+                "only_unmatched": only_unmatched,
+                "priority": priority,
+                "reason": reason,
+            },
+        )
+    row = cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+def throughput(conn: Conn, event_id: int) -> dict[str, float]:
+    """Users completed per minute over the last 5 and 60 minutes."""
+    row = conn.execute(query("throughput"), {"event_id": event_id}).fetchone()
+    assert row is not None
+    return {"5m": float(row[0]), "60m": float(row[1])}
+
+
+def set_job_paused(conn: Conn, event_id: int, paused: bool) -> None:
+    conn.execute(query("pause_job" if paused else "resume_job"), {"event_id": event_id})
+
+
+def redrive_dead(conn: Conn, event_id: int, profile_ids: list[int] | None) -> int:
+    row = conn.execute(
+        query("redrive_dead"), {"event_id": event_id, "profile_ids": profile_ids}
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
 # --- queue -------------------------------------------------------------------------------
 
 
@@ -160,9 +240,13 @@ def recover_leases(conn: Conn, max_attempts: int) -> list[QueueOutcome]:
     return [QueueOutcome(*row) for row in rows]
 
 
-def claim(conn: Conn, batch_size: int, lease_seconds: float) -> list[ClaimedRow]:
+def claim(
+    conn: Conn, batch_size: int, lease_seconds: float, event_id: int | None = None
+) -> list[ClaimedRow]:
+    """Claim a batch of one event (the next in turn, or `event_id` when given)."""
     rows = conn.execute(
-        query("claim_batch"), {"batch_size": batch_size, "lease_seconds": lease_seconds}
+        query("claim_batch"),
+        {"batch_size": batch_size, "lease_seconds": lease_seconds, "event_id": event_id},
     ).fetchall()
     return [ClaimedRow(*row) for row in rows]
 
@@ -191,6 +275,39 @@ def fail(
         },
     ).fetchall()
     return [QueueOutcome(*row) for row in rows]
+
+
+def describe_queue_outcomes(conn: Conn, outcomes: list[QueueOutcome]) -> list[dict[str, Any]]:
+    """Dead-letter messages: each outcome with its event code and user id."""
+    if not outcomes:
+        return []
+    with conn.cursor(row_factory=dict_row) as cur:
+        names = {
+            (row["event_id"], row["profile_id"]): row
+            for row in cur.execute(
+                query("describe_queue_outcomes"),
+                {
+                    "event_ids": [o.event_id for o in outcomes],
+                    "profile_ids": [o.profile_id for o in outcomes],
+                },
+            )
+        }
+    messages = []
+    for o in outcomes:
+        known = names.get((o.event_id, o.profile_id), {})
+        messages.append(
+            {
+                "type": "matchmaking.dead",
+                "event_id": o.event_id,
+                "event_code": known.get("event_code"),
+                "profile_id": o.profile_id,
+                "user_id": known.get("user_id"),
+                "queue_id": o.queue_id,
+                "attempts": o.attempts,
+                "last_error": o.last_error,
+            }
+        )
+    return messages
 
 
 # --- embedding ---------------------------------------------------------------------------
@@ -355,6 +472,16 @@ def export_lists(conn: Conn, event_id: int) -> list[dict[str, Any]]:
                 {"user_id": matched, "rank": rank, "score": round(score, 6), "reasons": reasons}
             )
     return out
+
+
+def live_queue_depth(conn: Conn) -> int:
+    row = conn.execute(query("live_queue_count")).fetchone()
+    return int(row[0]) if row else 0
+
+
+def oldest_pending_age_s(conn: Conn) -> float:
+    row = conn.execute(query("oldest_pending_age")).fetchone()
+    return float(row[0]) if row else 0.0
 
 
 def job_status(conn: Conn, event_id: int) -> dict[str, Any]:

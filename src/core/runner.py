@@ -27,11 +27,6 @@ def open_database(settings: Settings) -> Conn:
     return conn
 
 
-def live_queue_count(conn: Conn) -> int:
-    row = conn.execute(query("live_queue_count")).fetchone()
-    return int(row[0]) if row else 0
-
-
 def drain(
     conn: Conn,
     matchmaker: Matchmaker,
@@ -42,14 +37,14 @@ def drain(
 ) -> WorkerReport:
     """Run the worker until the queue is empty (or max_seconds pass), with a progress bar."""
     deadline = time.monotonic() + (max_seconds if max_seconds is not None else FOREVER_S)
-    progress = Progress("matching", live_queue_count(conn)) if show_progress else None
+    progress = Progress("matching", repo.live_queue_depth(conn)) if show_progress else None
     done = 0
 
     def on_batch(batch: BatchResult) -> None:
         nonlocal done
         done += batch.completed + batch.failed
         if progress:
-            progress.update(done, done + live_queue_count(conn))
+            progress.update(done, done + repo.live_queue_depth(conn))
 
     report = matchmaker.run(conn, deadline=deadline, batch_size=batch_size, on_batch=on_batch)
     if progress:

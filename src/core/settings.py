@@ -42,6 +42,18 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    # AWS: the database credentials come from Secrets Manager, never from a plain variable.
+    db_secret_arn: str | None = None
+    db_host: str | None = None
+    db_port: Annotated[int, Field(ge=1, le=65535)] = 5432
+    db_name: str = "matchmaker"
+    dead_letter_queue_url: str | None = None
+    matchmaker_function_name: str | None = None
+    # The Lambda's own limit minus this is the latest a worker may still be working.
+    worker_safety_ms: Annotated[int, Field(ge=0, le=120_000)] = 15_000
+    # Legacy synchronous trigger (useQueue: false) only for events up to this size.
+    sync_match_max_attendees: Annotated[int, Field(ge=1, le=5000)] = 500
+
     @model_validator(mode="after")
     def _timeouts_fit_the_lease(self) -> Settings:
         if self.statement_timeout_ms >= self.lease_seconds * 1000:

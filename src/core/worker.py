@@ -110,6 +110,7 @@ class Matchmaker:
         *,
         deadline: float,
         batch_size: int | None = None,
+        event_id: int | None = None,
         on_batch: Callable[[BatchResult], None] | None = None,
         on_dead: Callable[[list[QueueOutcome]], None] | None = None,
     ) -> WorkerReport:
@@ -136,7 +137,7 @@ class Matchmaker:
                 report.stopped = "deadline"
                 break
             claimed = repo.claim(
-                conn, batch_size or self.settings.batch_size, self.settings.lease_seconds
+                conn, batch_size or self.settings.batch_size, self.settings.lease_seconds, event_id
             )
             if not claimed:
                 break
@@ -276,10 +277,14 @@ def run_worker(
     *,
     deadline: float,
     batch_size: int | None = None,
+    event_id: int | None = None,
     matchmaker: Matchmaker | None = None,
+    on_dead: Callable[[list[QueueOutcome]], None] | None = None,
 ) -> WorkerReport:
     """Recover expired leases, then claim and process batches until the queue is drained
     or `deadline` (a time.monotonic() value) nears. Pass a long-lived `matchmaker` to keep
     event state between invocations (a warm Lambda container)."""
     worker = matchmaker or Matchmaker(settings)
-    return worker.run(conn, deadline=deadline, batch_size=batch_size)
+    return worker.run(
+        conn, deadline=deadline, batch_size=batch_size, event_id=event_id, on_dead=on_dead
+    )

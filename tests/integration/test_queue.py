@@ -509,7 +509,8 @@ def event_scan_query(conn: Conn) -> str:
     """The event-choosing statement of mm_claim (recursive skip scan), without INTO."""
     match = re.search(r"(WITH RECURSIVE.*?LIMIT 1);", claim_function_source(conn), re.DOTALL)
     assert match, "mm_claim no longer contains the expected event skip scan"
-    return match.group(1).replace("INTO v_event", "")
+    # p_event_id NULL: the scheduled worker's case, every event in turn
+    return match.group(1).replace("INTO v_event", "").replace("p_event_id", "NULL::bigint")
 
 
 def test_the_claim_query_reads_the_claim_index_in_order_without_sorting(conn, big_queue):

@@ -70,7 +70,7 @@ SELECT queue_id, event_id, profile_id, status, attempts, last_error
 
 -- name: claim_batch
 SELECT queue_id, event_id, profile_id, priority, reason, attempts, lease_token
-  FROM mm_claim(%(batch_size)s, %(lease_seconds)s)
+  FROM mm_claim(%(batch_size)s, %(lease_seconds)s, %(event_id)s)
 
 -- name: complete_rows
 SELECT mm_complete(%(queue_ids)s, %(lease_token)s)
@@ -240,3 +240,101 @@ DELETE FROM events WHERE code = %(code)s
 
 -- name: delete_profiles_with_prefix
 DELETE FROM profiles WHERE starts_with(user_id, %(prefix)s)
+
+-- name: attendee_state
+SELECT p.id AS profile_id,
+       (p.name, p.company, p.title, p.bio, p.interests, p.seeking, p.offering)
+         IS NOT DISTINCT FROM
+       (%(name)s::text, %(company)s::text, %(title)s::text, %(bio)s::text,
+        %(interests)s::text[], %(seeking)s::text[], %(offering)s::text[]) AS same_profile,
+       coalesce(a.active, false) AS active
+  FROM profiles p
+  LEFT JOIN attendees a ON a.profile_id = p.id AND a.event_id = %(event_id)s
+ WHERE p.user_id = %(user_id)s
+
+-- name: upsert_profile
+INSERT INTO profiles AS p (user_id, name, company, title, bio, interests, seeking, offering)
+VALUES (%(user_id)s, %(name)s, %(company)s, %(title)s, %(bio)s, %(interests)s, %(seeking)s,
+        %(offering)s)
+ON CONFLICT (user_id) DO UPDATE
+   SET name = EXCLUDED.name, company = EXCLUDED.company, title = EXCLUDED.title,
+       bio = EXCLUDED.bio, interests = EXCLUDED.interests, seeking = EXCLUDED.seeking,
+       offering = EXCLUDED.offering
+ WHERE (p.name, p.company, p.title, p.bio, p.interests, p.seeking, p.offering)
+       IS DISTINCT FROM
+       (EXCLUDED.name, EXCLUDED.company, EXCLUDED.title, EXCLUDED.bio, EXCLUDED.interests,
+        EXCLUDED.seeking, EXCLUDED.offering)
+RETURNING id
+
+-- name: join_event
+INSERT INTO attendees AS a (event_id, profile_id)
+SELECT %(event_id)s, id FROM profiles WHERE user_id = %(user_id)s
+ON CONFLICT (event_id, profile_id) DO UPDATE SET active = true WHERE NOT a.active
+
+-- name: attendee_matches
+-- An attendee's list; dismissed people are hidden at once, before the re-match lands.
+SELECT t.user_id, m.rank, m.score, m.reasons
+  FROM attendees a
+  JOIN profiles o ON o.id = a.profile_id
+  LEFT JOIN user_matches m ON m.event_id = a.event_id AND m.profile_id = a.profile_id
+       AND NOT EXISTS (SELECT 1 FROM dismissals d
+                        WHERE d.event_id = m.event_id
+                          AND ((d.profile_id = m.profile_id
+                                AND d.dismissed_profile_id = m.matched_profile_id)
+                            OR (d.profile_id = m.matched_profile_id
+                                AND d.dismissed_profile_id = m.profile_id)))
+  LEFT JOIN profiles t ON t.id = m.matched_profile_id
+ WHERE a.event_id = %(event_id)s AND a.active AND o.user_id = %(user_id)s
+ ORDER BY m.rank
+
+-- name: active_attendee_count
+SELECT count(*) FROM attendees a JOIN profiles p ON p.id = a.profile_id
+ WHERE a.event_id = %(event_id)s AND a.active AND p.user_id = ANY(%(user_ids)s)
+
+-- name: enqueue_users
+SELECT mm_enqueue(%(event_id)s,
+    ARRAY(SELECT a.profile_id FROM attendees a JOIN profiles p ON p.id = a.profile_id
+           WHERE a.event_id = %(event_id)s AND a.active AND p.user_id = ANY(%(user_ids)s)),
+    %(priority)s::smallint, %(reason)s)
+
+-- name: enqueue_active
+SELECT mm_enqueue(%(event_id)s,
+    ARRAY(SELECT a.profile_id FROM attendees a
+           WHERE a.event_id = %(event_id)s AND a.active
+             AND NOT (%(only_unmatched)s AND EXISTS (
+                 SELECT 1 FROM user_matches m
+                  WHERE m.event_id = a.event_id AND m.profile_id = a.profile_id))),
+    %(priority)s::smallint, %(reason)s)
+
+-- name: throughput
+SELECT coalesce(sum(completed) FILTER (WHERE finished_at > now() - interval '5 minutes'), 0)
+           / 5.0 AS per_min_5m,
+       coalesce(sum(completed), 0) / 60.0 AS per_min_60m
+  FROM matchmaking_batches
+ WHERE event_id = %(event_id)s AND finished_at > now() - interval '60 minutes'
+
+-- name: pause_job
+INSERT INTO matchmaking_jobs AS j (event_id, status) VALUES (%(event_id)s, 'paused')
+ON CONFLICT (event_id) DO UPDATE SET status = 'paused', updated_at = now()
+
+-- name: resume_job
+UPDATE matchmaking_jobs j
+   SET status = CASE WHEN EXISTS (SELECT 1 FROM matchmaking_queue q
+                                   WHERE q.event_id = j.event_id
+                                     AND q.status IN ('pending', 'running'))
+                     THEN 'running' ELSE 'done' END,
+       updated_at = now()
+ WHERE j.event_id = %(event_id)s AND j.status = 'paused'
+
+-- name: redrive_dead
+SELECT mm_redrive(%(event_id)s, %(profile_ids)s)
+
+-- name: describe_queue_outcomes
+SELECT e.id AS event_id, e.code AS event_code, p.id AS profile_id, p.user_id
+  FROM unnest(%(event_ids)s::bigint[], %(profile_ids)s::bigint[]) AS o(event_id, profile_id)
+  JOIN events e ON e.id = o.event_id
+  JOIN profiles p ON p.id = o.profile_id
+
+-- name: oldest_pending_age
+SELECT coalesce(extract(epoch FROM now() - min(enqueued_at)), 0)::float8
+  FROM matchmaking_queue WHERE status = 'pending'

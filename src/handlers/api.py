@@ -1,0 +1,237 @@
+"""HTTP API (API Gateway HTTP API, JWT authorizer): thin routes over core.service.
+
+Every route is authenticated: API Gateway rejects calls without a valid token, and this
+handler fails closed (401) if the authorizer context is missing anyway. Admin routes need
+the matchmaker/admin scope; attendee tokens (no service scope) may only read and dismiss
+their own matches.
+"""
+
+# No "from __future__ import annotations": the resolver reads the annotations at runtime.
+
+import json
+from typing import Annotated, Any
+
+import psycopg
+from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response
+from aws_lambda_powertools.event_handler.middlewares import NextMiddleware
+from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
+from aws_lambda_powertools.event_handler.openapi.params import Path
+from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from core import aws, service
+from core.db import ConnectionCache, DatabaseUnavailableError
+from core.models import EVENT_CODE_PATTERN, USER_ID_PATTERN, AttendeeMatches, EventIn
+from core.observability import logger, metrics, tracer
+from core.service import (
+    AttendeeIn,
+    AttendeeOut,
+    DeadLetterOut,
+    DismissIn,
+    DomainError,
+    EnqueueOut,
+    EventOut,
+    Principal,
+    RedriveOut,
+    StartIn,
+    StatusOut,
+    TriggerIn,
+    UnauthorizedError,
+)
+from core.settings import get_settings
+
+MAX_BODY_BYTES = 256 * 1024
+API_VERSION = "1.0.0"
+
+app = APIGatewayHttpResolver(enable_validation=True)
+connections = ConnectionCache("matchmaker-api")
+
+Code = Annotated[str, Path(pattern=EVENT_CODE_PATTERN, description="event code")]
+UserIdPath = Annotated[str, Path(pattern=USER_ID_PATTERN, description="attendee user_id")]
+
+
+def _error(status: int, code: str, message: str, details: Any = None) -> Response[str]:
+    body: dict[str, Any] = {"error": code, "message": message}
+    if details is not None:
+        body["details"] = details
+    return Response(status_code=status, content_type="application/json", body=json.dumps(body))
+
+
+def authenticate(app: APIGatewayHttpResolver, next_middleware: NextMiddleware) -> Response[Any]:
+    """Fail closed: no verified JWT claims, no access; oversize bodies never get parsed."""
+    event = app.current_event
+    try:
+        authorizer = event.request_context.authorizer
+        principal = Principal.from_claims(authorizer.jwt_claim, authorizer.jwt_scopes)
+    except (UnauthorizedError, AttributeError, KeyError, TypeError):
+        return _error(401, "unauthorized", "missing or invalid authorization")
+    if len((event.body or "").encode()) > MAX_BODY_BYTES:
+        return _error(413, "too_large", f"request body is larger than {MAX_BODY_BYTES} bytes")
+    app.append_context(principal=principal)
+    return next_middleware(app)
+
+
+app.use(middlewares=[authenticate])
+
+
+def _principal() -> Principal:
+    principal = app.context.get("principal")
+    if not isinstance(principal, Principal):  # the middleware always sets it
+        raise UnauthorizedError("missing or invalid authorization")
+    return principal
+
+
+def _conn() -> psycopg.Connection[Any]:
+    return connections.get(get_settings())
+
+
+def _invoke(code: str) -> bool:
+    return aws.invoke_matchmaker(get_settings().matchmaker_function_name, code)
+
+
+@app.exception_handler(DomainError)
+def _domain_error(exc: DomainError) -> Response[str]:
+    return _error(exc.status, exc.code, exc.message)
+
+
+@app.exception_handler(RequestValidationError)
+def _validation_error(exc: RequestValidationError) -> Response[str]:
+    problems = [
+        {
+            "field": ".".join(str(p) for p in err.get("loc", ()) if p != "body"),
+            "message": err.get("msg", "invalid"),
+        }
+        for err in exc.errors()
+    ]
+    summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
+    return _error(422, "validation_error", summary or "invalid request", problems)
+
+
+@app.exception_handler(psycopg.OperationalError)
+def _database_down(exc: psycopg.OperationalError) -> Response[str]:
+    logger.exception("database unavailable")
+    connections.discard()
+    return _error(503, "unavailable", "the database is unavailable; retry shortly")
+
+
+@app.exception_handler(DatabaseUnavailableError)
+def _no_database(exc: DatabaseUnavailableError) -> Response[str]:
+    logger.exception("database unavailable")
+    return _error(503, "unavailable", "the database is unavailable; retry shortly")
+
+
+# --- events and attendees ----------------------------------------------------------------
+
+
+@app.post("/events")
+@tracer.capture_method
+def create_event(body: EventIn) -> Response[str]:
+    out = service.create_event(_conn(), _principal(), body)
+    return Response(
+        status_code=201 if out.created else 200,
+        content_type="application/json",
+        body=out.model_dump_json(),
+    )
+
+
+@app.get("/events/<code>")
+def get_event(code: Code) -> EventOut:
+    return service.get_event(_conn(), _principal(), code)
+
+
+@app.put("/events/<code>/attendees/<user_id>")
+@tracer.capture_method
+def put_attendee(code: Code, user_id: UserIdPath, body: AttendeeIn) -> AttendeeOut:
+    out = service.put_attendee(_conn(), _principal(), code, user_id, body)
+    metrics.add_metric(name="AttendeesUpserted", unit="Count", value=1)
+    return out
+
+
+@app.delete("/events/<code>/attendees/<user_id>")
+def remove_attendee(code: Code, user_id: UserIdPath) -> Response[str]:
+    service.remove_attendee(_conn(), _principal(), code, user_id)
+    return Response(status_code=204, content_type="application/json", body="")
+
+
+@app.get("/events/<code>/attendees/<user_id>/matches")
+def get_matches(code: Code, user_id: UserIdPath) -> AttendeeMatches:
+    return service.get_matches(_conn(), _principal(), code, user_id)
+
+
+@app.post("/events/<code>/attendees/<user_id>/dismissals")
+def dismiss(code: Code, user_id: UserIdPath, body: DismissIn) -> Response[str]:
+    service.dismiss(_conn(), _principal(), code, user_id, body)
+    return Response(status_code=204, content_type="application/json", body="")
+
+
+@app.post("/events/<code>/matchmaking")
+@tracer.capture_method
+def trigger_matchmaking(code: Code, body: TriggerIn) -> Response[str]:
+    """The original trigger-matchmaking: queue by default, legacy synchronous mode."""
+    settings = get_settings()
+    context: LambdaContext | None = app.lambda_context
+    remaining = context.get_remaining_time_in_millis() if context else settings.max_runtime_ms
+    deadline = service.monotonic_deadline(remaining, settings.max_runtime_ms, 2_000)
+    out = service.trigger(
+        _conn(), _principal(), code, body, settings=settings, invoke=_invoke, deadline=deadline
+    )
+    return Response(
+        status_code=202 if out.mode == "queue" else 200,
+        content_type="application/json",
+        body=out.model_dump_json(),
+    )
+
+
+# --- admin (the original admin-start-matching and its status) ------------------------------
+
+
+@app.post("/admin/events/<code>/matching")
+def start_matching(code: Code, body: StartIn) -> Response[str]:
+    out: EnqueueOut = service.start_matching(_conn(), _principal(), code, body, _invoke)
+    return Response(status_code=202, content_type="application/json", body=out.model_dump_json())
+
+
+@app.get("/admin/events/<code>/status")
+def status(code: Code) -> StatusOut:
+    settings = get_settings()
+    return service.status(
+        _conn(), _principal(), code, lambda: aws.queue_depth(settings.dead_letter_queue_url)
+    )
+
+
+@app.post("/admin/events/<code>/pause")
+def pause(code: Code) -> Response[str]:
+    service.set_paused(_conn(), _principal(), code, paused=True)
+    return Response(status_code=204, content_type="application/json", body="")
+
+
+@app.post("/admin/events/<code>/resume")
+def resume(code: Code) -> Response[str]:
+    service.set_paused(_conn(), _principal(), code, paused=False)
+    _invoke(code)
+    return Response(status_code=204, content_type="application/json", body="")
+
+
+@app.get("/admin/events/<code>/dead-letters")
+def list_dead_letters(code: Code) -> list[DeadLetterOut]:
+    return service.dead_letters(_conn(), _principal(), code)
+
+
+@app.post("/admin/events/<code>/dead-letters/redrive")
+def redrive(code: Code) -> RedriveOut:
+    return service.redrive(_conn(), _principal(), code, _invoke)
+
+
+def openapi_document() -> dict[str, Any]:
+    """The committed docs/openapi.json is this document; a test fails when they differ."""
+    document: dict[str, Any] = json.loads(
+        app.get_openapi_json_schema(title="Matchmaker API", version=API_VERSION)
+    )
+    return document
+
+
+@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return app.resolve(event, context)

@@ -1,0 +1,89 @@
+"""Matchmaker Lambda: invoked every minute by EventBridge Scheduler and asynchronously by
+the trigger / admin routes. Drains the queue until MAX_RUNTIME_MS or the Lambda's own
+deadline (minus WORKER_SAFETY_MS) nears; users that exhaust their attempts go to the SQS
+dead-letter queue."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from pydantic import BaseModel, ConfigDict
+
+from core import aws
+from core import repository as repo
+from core.db import ConnectionCache
+from core.models import EventCode
+from core.observability import logger, metrics, tracer
+from core.repository import QueueOutcome
+from core.service import monotonic_deadline
+from core.settings import get_settings
+from core.worker import Matchmaker, run_worker
+
+connections = ConnectionCache("matchmaker-worker")
+_matchmaker: Matchmaker | None = None  # event state survives warm invocations
+
+
+class Invocation(BaseModel):
+    """The scheduler's Input, or the payload of an async invoke from the API."""
+
+    model_config = ConfigDict(extra="ignore")
+    source: Literal["schedule", "trigger", "admin"] = "schedule"
+    event_code: EventCode | None = None
+
+
+def _matchmaker_for() -> Matchmaker:
+    global _matchmaker  # noqa: PLW0603 - deliberate warm-container cache
+    if _matchmaker is None:
+        _matchmaker = Matchmaker(get_settings())
+    return _matchmaker
+
+
+@logger.inject_lambda_context(log_event=False)
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    invocation = Invocation.model_validate(event or {})
+    settings = get_settings()
+    deadline = monotonic_deadline(
+        context.get_remaining_time_in_millis(), settings.max_runtime_ms, settings.worker_safety_ms
+    )
+    conn = connections.get(settings)
+
+    def dead_letters(outcomes: list[QueueOutcome]) -> None:
+        metrics.add_metric(name="DeadLetters", unit=MetricUnit.Count, value=len(outcomes))
+        if settings.dead_letter_queue_url:
+            aws.send_dead_letters(conn, settings.dead_letter_queue_url, outcomes)
+
+    try:
+        report = run_worker(
+            conn, settings, deadline=deadline, matchmaker=_matchmaker_for(), on_dead=dead_letters
+        )
+    except Exception:
+        connections.discard()  # a broken connection must not poison the next invocation
+        raise
+    oldest = repo.oldest_pending_age_s(conn)
+    metrics.add_metric(name="UsersMatched", unit=MetricUnit.Count, value=report.completed)
+    metrics.add_metric(name="BatchesProcessed", unit=MetricUnit.Count, value=report.batches)
+    metrics.add_metric(name="QueueDepth", unit=MetricUnit.Count, value=repo.live_queue_depth(conn))
+    metrics.add_metric(name="OldestPendingAgeSeconds", unit=MetricUnit.Seconds, value=oldest)
+    if report.batches:
+        metrics.add_metric(
+            name="BatchDurationSeconds",
+            unit=MetricUnit.Seconds,
+            value=report.elapsed_s / report.batches,
+        )
+    summary = {
+        "source": invocation.source,
+        "batches": report.batches,
+        "completed": report.completed,
+        "failed": report.failed,
+        "dead": len(report.dead),
+        "recovered": report.recovered,
+        "lists_written": report.lists_written,
+        "stopped": report.stopped,
+        "elapsed_s": round(report.elapsed_s, 3),
+    }
+    logger.info("matchmaker run", extra=summary)
+    return summary
