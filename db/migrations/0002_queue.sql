@@ -125,7 +125,8 @@ $$;
 -- Claim up to p_batch_size ready rows of ONE event. Events with ready work take turns
 -- (least recently claimed first), so a huge backlog cannot starve a small event; within
 -- the event, highest priority first, then oldest.
-CREATE FUNCTION mm_claim(p_batch_size integer, p_lease_seconds double precision)
+CREATE FUNCTION mm_claim(p_batch_size integer, p_lease_seconds double precision,
+                         p_event_id bigint DEFAULT NULL)
 RETURNS TABLE (queue_id bigint, event_id bigint, profile_id bigint, priority smallint,
                reason text, attempts integer, lease_token uuid)
 LANGUAGE plpgsql
@@ -134,7 +135,8 @@ DECLARE
     v_event bigint;
     v_token uuid := gen_random_uuid();
 BEGIN
-    -- Events with pending rows, found by a skip scan over the claim index (cheap with
+    -- A caller may ask for one event (synchronous matching); otherwise events with
+    -- pending rows, found by a skip scan over the claim index (cheap with
     -- thousands of events); the job row only orders them and says whether it is paused.
     WITH RECURSIVE queued_events AS (
         (SELECT q.event_id FROM matchmaking_queue q
@@ -150,6 +152,7 @@ BEGIN
       FROM queued_events e
       LEFT JOIN matchmaking_jobs j ON j.event_id = e.event_id
      WHERE e.event_id IS NOT NULL
+       AND (p_event_id IS NULL OR e.event_id = p_event_id)
        AND coalesce(j.status, 'running') <> 'paused'
        AND EXISTS (SELECT 1 FROM matchmaking_queue q
                     WHERE q.event_id = e.event_id AND q.status = 'pending'
