@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench install clean
+.PHONY: demo test lint typecheck unit bench install clean openapi
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
@@ -35,6 +35,11 @@ test: lint typecheck
 
 bench: $(STAMP)
 	$(VENV)/bin/matchmaker bench --sizes $${SIZES:-1000,5000,10000} --json bench-results.json
+
+# Regenerate the committed OpenAPI document (a test fails when it drifts from the code).
+openapi: $(STAMP)
+	$(PY) -c 'import json; from handlers.api import openapi_document; \
+	open("docs/openapi.json", "w").write(json.dumps(openapi_document(), indent=2, sort_keys=True) + "\n")'
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

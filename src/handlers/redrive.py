@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.batch import (
     BatchProcessor,
     EventType,
@@ -41,6 +42,7 @@ def redrive_record(record: SQSRecord) -> int:
     letter = DeadLetter.model_validate_json(record.body)
     conn = connections.get(get_settings())
     requeued = repo.redrive_dead(conn, letter.event_id, [letter.profile_id])
+    metrics.add_metric(name="DeadLettersRedriven", unit=MetricUnit.Count, value=requeued)
     logger.info(
         "redrive",
         extra={"event_id": letter.event_id, "profile_id": letter.profile_id, "requeued": requeued},
