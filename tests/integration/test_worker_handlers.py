@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import boto3
 import numpy as np
@@ -23,6 +23,7 @@ from psycopg.conninfo import conninfo_to_dict
 import core.aws
 import core.settings
 import handlers.matchmaker
+import handlers.migrate
 import handlers.redrive
 from core import repository as repo
 from core.embedder import LocalEmbedder
@@ -30,6 +31,8 @@ from core.models import Profile
 from core.oracle import verify_event
 from core.synthetic import generate_profiles
 from core.worker import Matchmaker, default_embedder
+from handlers.api import openapi_document
+from tests.conftest import database_uri
 from tests.helpers import add_attendees, queue_rows
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
@@ -214,7 +217,7 @@ def test_the_redrive_consumer_reports_only_the_bad_records(conn, aws):
 class _CloudFormation(BaseHTTPRequestHandler):
     """Receives the custom resource's PUT to its pre-signed ResponseURL."""
 
-    received: list[dict[str, Any]] = []
+    received: ClassVar[list[dict[str, Any]]] = []
 
     def do_PUT(self) -> None:
         length = int(self.headers["Content-Length"])
@@ -237,8 +240,6 @@ def cloudformation() -> Iterator[tuple[str, list[dict[str, Any]]]]:
 
 
 def _empty_database(pg_server_uri: str) -> Iterator[str]:
-    from tests.conftest import database_uri
-
     name = f"mm_cfn_{int(time.time() * 1000) % 10**9}"
     with psycopg.connect(pg_server_uri, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
@@ -257,8 +258,6 @@ def test_the_custom_resource_migrates_on_create_and_update_and_ignores_delete(
 ):
     """Create applies every migration and answers SUCCESS; Update is a no-op re-run;
     Delete answers SUCCESS without touching the database."""
-    import handlers.migrate
-
     url, received = cloudformation
     monkeypatch.setenv("DATABASE_URL", empty_db)
     core.settings.get_settings.cache_clear()
@@ -281,8 +280,6 @@ def test_a_failed_migration_fails_the_deploy_with_the_error(
 ):
     """A broken migration file answers FAILED with the file and the database error, so
     CloudFormation fails (and rolls back) the deploy."""
-    import handlers.migrate
-
     url, received = cloudformation
     (tmp_path / "0001_broken.sql").write_text("CREATE TABLE oops (;")
     monkeypatch.setenv("DATABASE_URL", empty_db)
@@ -300,7 +297,5 @@ def test_a_failed_migration_fails_the_deploy_with_the_error(
 def test_the_committed_openapi_document_matches_the_code():
     """docs/openapi.json is generated from the resolver; regenerate it with
     `make openapi` when routes or models change."""
-    from handlers.api import openapi_document
-
     committed = json.loads((EVENTS.parent / "docs" / "openapi.json").read_text())
     assert committed == openapi_document()
