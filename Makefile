@@ -30,7 +30,9 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(VENV)/bin/pytest tests/unit -q
 
-test: lint typecheck
+# The SAM template is validated (cfn-lint), built without Docker and scanned by checkov on
+# every run: a broken template fails the tests like broken code does.
+test: lint typecheck sam-validate sam-build checkov
 	$(VENV)/bin/pytest -q
 
 bench: $(STAMP)
@@ -42,4 +44,7 @@ openapi: $(STAMP)
 	open("docs/openapi.json", "w").write(json.dumps(openapi_document(), indent=2, sort_keys=True) + "\n")'
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .tools .aws-sam .mypy_cache .pytest_cache .ruff_cache .hypothesis
+
+# AWS: sam-validate, sam-build, checkov, and the build-<Function> targets that sam build runs.
+include mk/lambda.mk

@@ -40,9 +40,10 @@ TagList = Annotated[list[Tag], Field(max_length=MAX_TAGS)]
 
 
 class StrictModel(BaseModel):
-    """Rejects unknown fields by name, so a typo never silently drops data."""
+    """Rejects unknown fields by name, so a typo never silently drops data, and wrong types
+    instead of coercing them ("false" is not a boolean, "3" is not a number)."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, strict=True)
 
     @field_validator("*", mode="after")
     @classmethod
@@ -54,10 +55,9 @@ class StrictModel(BaseModel):
         return value
 
 
-class Profile(StrictModel):
-    """An attendee's profile: the matching-relevant fields plus display fields."""
+class ProfileFields(StrictModel):
+    """A profile without its user_id: the body of the API's PUT attendee route."""
 
-    user_id: UserId
     name: Annotated[str, Field(max_length=200)] = ""
     company: Annotated[str, Field(max_length=200)] = ""
     title: Annotated[str, Field(max_length=200)] = ""
@@ -78,6 +78,16 @@ class Profile(StrictModel):
                 seen.add(key)
                 unique.append(tag)
         return unique
+
+
+class _Identified(StrictModel):
+    user_id: UserId
+
+
+class Profile(ProfileFields, _Identified):
+    """An attendee's profile: the matching-relevant fields plus display fields.
+
+    (Bases in this order put user_id first: pydantic orders fields base-first.)"""
 
 
 class MatchWeights(StrictModel):

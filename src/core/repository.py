@@ -221,6 +221,11 @@ def throughput(conn: Conn, event_id: int) -> dict[str, float]:
     return {"5m": float(row[0]), "60m": float(row[1])}
 
 
+def job_is_paused(conn: Conn, event_id: int) -> bool:
+    row = conn.execute(query("job_is_paused"), {"event_id": event_id}).fetchone()
+    return bool(row and row[0])
+
+
 def set_job_paused(conn: Conn, event_id: int, paused: bool) -> None:
     conn.execute(query("pause_job" if paused else "resume_job"), {"event_id": event_id})
 

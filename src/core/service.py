@@ -21,6 +21,7 @@ from core.models import (
     EventSettings,
     Match,
     Profile,
+    ProfileFields,
     StrictModel,
     UserId,
 )
@@ -63,6 +64,10 @@ class ConflictError(DomainError):
 
 class TooLargeError(DomainError):
     status, code = 413, "too_large"
+
+
+class MatchingTimeoutError(DomainError):
+    status, code = 503, "timeout"
 
 
 # --- who is calling ----------------------------------------------------------------------
@@ -109,16 +114,8 @@ class Principal:
 # --- inputs and outputs ------------------------------------------------------------------
 
 
-class AttendeeIn(StrictModel):
+class AttendeeIn(ProfileFields):
     """A profile without its user_id (that comes from the path)."""
-
-    name: Annotated[str, Field(max_length=200)] = ""
-    company: Annotated[str, Field(max_length=200)] = ""
-    title: Annotated[str, Field(max_length=200)] = ""
-    bio: Annotated[str, Field(max_length=4000)] = ""
-    interests: list[str] = Field(default_factory=list)
-    seeking: list[str] = Field(default_factory=list)
-    offering: list[str] = Field(default_factory=list)
 
     def to_profile(self, user_id: str) -> Profile:
         return Profile(user_id=user_id, **self.model_dump())
@@ -288,6 +285,8 @@ def trigger(
     events up to SYNC_MATCH_MAX_ATTENDEES."""
     principal.require_service()
     event = _event(conn, code)
+    if not body.useQueue and repo.job_is_paused(conn, event.id):
+        raise ConflictError(f"event {code!r} is paused: resume it before matching")
     if not body.useQueue:
         active = int(repo.job_status(conn, event.id)["attendees"].get("active") or 0)
         if active > settings.sync_match_max_attendees:
@@ -321,7 +320,7 @@ def _match_now(conn: Conn, settings: Settings, event: EventRecord, deadline: flo
         matchmaker=Matchmaker(settings),
     )
     if report.stopped != "drained":
-        raise DomainError("synchronous matching ran out of time; the rest stays queued")
+        raise MatchingTimeoutError("synchronous matching ran out of time; the rest stays queued")
     return report
 
 

