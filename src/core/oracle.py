@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from psycopg.rows import dict_row
 
 from core.embedder import content_hash
-from core.models import Profile
-from core.repository import Conn, EventRecord
+from core.repository import Conn, EventRecord, profile_from_row
 from core.scoring import Coefficients, block_dim, combine
 from core.sql_queries import query
 
@@ -46,28 +46,22 @@ class VerifyReport:
 
 def verify_event(conn: Conn, event: EventRecord, embedder_key: str) -> VerifyReport:
     report = VerifyReport()
-    members = conn.execute(
-        query("oracle_members"), {"event_id": event.id, "embedder": embedder_key}
-    ).fetchall()
+    with conn.cursor(row_factory=dict_row) as cur:
+        members = cur.execute(
+            query("oracle_members"), {"event_id": event.id, "embedder": embedder_key}
+        ).fetchall()
     report.attendees = len(members)
-    user_of = {row[0]: row[1] for row in members}
+    user_of = {row["profile_id"]: row["user_id"] for row in members}
     matchable = []
-    for pid, user_id, company, title, bio, interests, seeking, offering, vector, stored in members:
-        if vector is None:
-            report.missing_vectors.append(user_id)
+    for row in members:
+        if row["vector"] is None:
+            report.missing_vectors.append(row["user_id"])
             continue
-        profile = Profile.model_construct(
-            user_id=user_id,
-            company=company,
-            title=title,
-            bio=bio,
-            interests=interests,
-            seeking=seeking,
-            offering=offering,
+        if content_hash(profile_from_row(row)) != row["content_hash"]:
+            report.stale_vectors.append(row["user_id"])
+        matchable.append(
+            (row["profile_id"], row["user_id"], row["company"].strip().casefold(), row["vector"])
         )
-        if content_hash(profile) != stored:
-            report.stale_vectors.append(user_id)
-        matchable.append((pid, user_id, company.strip().casefold(), vector))
 
     stored_lists: dict[int, list[tuple[str, float]]] = {}
     stored_scores: dict[tuple[str, str], float] = {}

@@ -156,8 +156,7 @@ def upsert_attendee(conn: Conn, event_id: int, profile: Profile) -> str:
     """Upsert one profile and make it an active attendee: 'joined', 'updated' or 'unchanged'."""
     params = {"event_id": event_id, **profile.model_dump()}
     before = conn.execute(query("attendee_state"), params).fetchone()
-    conn.execute(query("upsert_profile"), params)
-    conn.execute(query("join_event"), params)
+    upsert_profiles_and_join(conn, event_id, [profile])
     if before is None or not before[2]:
         return "joined"
     return "unchanged" if before[1] else "updated"
@@ -326,20 +325,14 @@ def profiles_for_embedding(
         rows = cur.execute(
             query("profiles_to_embed"), {"profile_ids": list(profile_ids), "embedder": embedder}
         ).fetchall()
-    result = []
-    for row in rows:
-        profile = Profile.model_construct(
-            user_id=row["user_id"],
-            name=row["name"],
-            company=row["company"],
-            title=row["title"],
-            bio=row["bio"],
-            interests=row["interests"],
-            seeking=row["seeking"],
-            offering=row["offering"],
-        )
-        result.append((row["id"], profile, row["content_hash"]))
-    return result
+    return [(row["id"], profile_from_row(row), row["content_hash"]) for row in rows]
+
+
+def profile_from_row(row: dict[str, Any]) -> Profile:
+    """A stored profile (already validated on the way in) from a dict_row."""
+    return Profile.model_construct(
+        **{name: row[name] for name in Profile.model_fields if name in row}
+    )
 
 
 def store_vectors(conn: Conn, embedder: str, rows: Iterable[tuple[int, str, bytes, int]]) -> None:

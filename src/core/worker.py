@@ -176,17 +176,12 @@ class Matchmaker:
                 if written:
                     state.lists_version = repo.bump_lists_version(conn, event_id)
                 completed = repo.complete(conn, [row.queue_id for row in ready], token)
-                outcomes = repo.fail(conn, failures, token, self.settings)
-                dead = [o for o in outcomes if o.status == "dead"]
-                repo.finish_batch(
+                outcomes, dead = self._settle(
                     conn,
-                    event_id=event_id,
-                    worker_id=self.worker_id,
-                    started_at=started_at,
-                    claimed=len(claimed),
+                    claimed,
+                    failures,
+                    started_at,
                     completed=completed,
-                    failed=len(outcomes),
-                    dead=len(dead),
                     lists_written=written,
                     error=next(iter(failures.values()), None),
                 )
@@ -203,27 +198,52 @@ class Matchmaker:
             for row in claimed:
                 failures.setdefault(row.queue_id, error)
             with conn.transaction():
-                outcomes = repo.fail(conn, failures, token, self.settings)
-                dead = [o for o in outcomes if o.status == "dead"]
-                if event is not None:
-                    repo.finish_batch(
-                        conn,
-                        event_id=event_id,
-                        worker_id=self.worker_id,
-                        started_at=started_at,
-                        claimed=len(claimed),
-                        completed=0,
-                        failed=len(outcomes),
-                        dead=len(dead),
-                        lists_written=0,
-                        error=error,
-                    )
+                outcomes, dead = self._settle(
+                    conn,
+                    claimed,
+                    failures,
+                    started_at,
+                    completed=0,
+                    lists_written=0,
+                    error=error,
+                    record_batch=event is not None,
+                )
             return BatchResult(
                 event_id, len(claimed), 0, len(outcomes), 0, dead, time.monotonic() - t0, error
             )
         return BatchResult(
             event_id, len(claimed), completed, len(outcomes), written, dead, time.monotonic() - t0
         )
+
+    def _settle(
+        self,
+        conn: Conn,
+        claimed: list[ClaimedRow],
+        failures: dict[int, str],
+        started_at: datetime,
+        *,
+        completed: int,
+        lists_written: int,
+        error: str | None,
+        record_batch: bool = True,
+    ) -> tuple[list[QueueOutcome], list[QueueOutcome]]:
+        """Fail the failed rows (backoff, or dead) and record the batch's figures."""
+        outcomes = repo.fail(conn, failures, claimed[0].lease_token, self.settings)
+        dead = [o for o in outcomes if o.status == "dead"]
+        if record_batch:
+            repo.finish_batch(
+                conn,
+                event_id=claimed[0].event_id,
+                worker_id=self.worker_id,
+                started_at=started_at,
+                claimed=len(claimed),
+                completed=completed,
+                failed=len(outcomes),
+                dead=len(dead),
+                lists_written=lists_written,
+                error=error,
+            )
+        return outcomes, dead
 
     def _state(self, event: EventRecord, embedder_key: str, width: int) -> EventState:
         state = self.states.get(event.id)

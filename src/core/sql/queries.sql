@@ -252,25 +252,6 @@ SELECT p.id AS profile_id,
   LEFT JOIN attendees a ON a.profile_id = p.id AND a.event_id = %(event_id)s
  WHERE p.user_id = %(user_id)s
 
--- name: upsert_profile
-INSERT INTO profiles AS p (user_id, name, company, title, bio, interests, seeking, offering)
-VALUES (%(user_id)s, %(name)s, %(company)s, %(title)s, %(bio)s, %(interests)s, %(seeking)s,
-        %(offering)s)
-ON CONFLICT (user_id) DO UPDATE
-   SET name = EXCLUDED.name, company = EXCLUDED.company, title = EXCLUDED.title,
-       bio = EXCLUDED.bio, interests = EXCLUDED.interests, seeking = EXCLUDED.seeking,
-       offering = EXCLUDED.offering
- WHERE (p.name, p.company, p.title, p.bio, p.interests, p.seeking, p.offering)
-       IS DISTINCT FROM
-       (EXCLUDED.name, EXCLUDED.company, EXCLUDED.title, EXCLUDED.bio, EXCLUDED.interests,
-        EXCLUDED.seeking, EXCLUDED.offering)
-RETURNING id
-
--- name: join_event
-INSERT INTO attendees AS a (event_id, profile_id)
-SELECT %(event_id)s, id FROM profiles WHERE user_id = %(user_id)s
-ON CONFLICT (event_id, profile_id) DO UPDATE SET active = true WHERE NOT a.active
-
 -- name: attendee_matches
 -- An attendee's list; dismissed people are hidden at once, before the re-match lands.
 SELECT t.user_id, m.rank, m.score, m.reasons
