@@ -172,7 +172,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     with open_database(settings) as conn:
-        report = verify(conn, _event(conn, args.event))
+        report = verify(conn, _event(conn, args.event), settings)
     _print_verify(report, sys.stdout)
     return EXIT_OK if report.ok else EXIT_PROBLEM
 
@@ -212,7 +212,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
                     file=out,
                 )
         t0 = time.perf_counter()
-        report = verify(conn, run.event)
+        report = verify(conn, run.event, settings)
         print(f"\n(verified in {time.perf_counter() - t0:.2f}s)", file=out)
     _print_verify(report, out)
     return EXIT_OK if report.ok else EXIT_PROBLEM
@@ -240,7 +240,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
                 batch_size=args.batch_size,
                 show_progress=False,
             )
-            verified = verify(conn, run.event).ok if args.verify else None
+            verified = verify(conn, run.event, settings).ok if args.verify else None
             row = {
                 "attendees": size,
                 "batch_size": args.batch_size or settings.batch_size,

@@ -177,8 +177,9 @@ class LocalEmbedder:
     def dim(self) -> int:
         return len(BLOCKS) * self._block_dim
 
-    def embed(self, profiles: Sequence[Profile]) -> Int16Matrix:
-        """Quantised embeddings, shape (len(profiles), dim), dtype int16."""
+    def embed(self, profiles: Sequence[Profile], deadline: float | None = None) -> Int16Matrix:
+        """Quantised embeddings, shape (len(profiles), dim), dtype int16. (No network, so
+        the deadline that bounds remote embedders is not needed here.)"""
         n, d, n_blocks = len(profiles), self._block_dim, len(BLOCKS)
         bio_block = BLOCKS.index("bio")
         # Sparse features as parallel lists: slot = row * n_blocks + block.
@@ -240,14 +241,21 @@ class LocalEmbedder:
         dense = np.bincount(
             slots * d + buckets, weights=signs * weights, minlength=n * n_blocks * d
         ).astype(np.float64, copy=False)  # bincount of nothing is int64
-        dense = dense.reshape(n, n_blocks, d)
-        norms = np.sqrt(np.einsum("nbd,nbd->nb", dense, dense))[..., np.newaxis]
-        # An empty block (or one whose features cancel exactly) stays all zeros.
-        unit = np.divide(dense, norms, out=np.zeros_like(dense), where=norms > 0)
-        quantised: Int16Matrix = np.rint(unit * QUANT_SCALE).astype(np.int16)
-        quantised = quantised.reshape(n, n_blocks * d)
-        assert_exact_range(quantised, limit=PAIR_SUM_LIMIT)
-        return quantised
+        return quantize_blocks(dense.reshape(n, n_blocks, d))
+
+
+def quantize_blocks(dense: npt.NDArray[np.floating]) -> Int16Matrix:
+    """(n, blocks, d) real vectors -> (n, blocks * d) int16: each block L2-normalised, then
+    scaled by QUANT_SCALE and rounded (the exactness argument in the module docstring).
+    Every embedder's output goes through here."""
+    n, n_blocks, d = dense.shape
+    values = dense.astype(np.float64, copy=False)
+    norms = np.sqrt(np.einsum("nbd,nbd->nb", values, values))[..., np.newaxis]
+    # An empty block (or one whose features cancel exactly) stays all zeros.
+    unit = np.divide(values, norms, out=np.zeros_like(values), where=norms > 0)
+    quantised: Int16Matrix = np.rint(unit * QUANT_SCALE).astype(np.int16).reshape(n, n_blocks * d)
+    assert_exact_range(quantised, limit=PAIR_SUM_LIMIT)
+    return quantised
 
 
 def content_hash(profile: Profile) -> str:

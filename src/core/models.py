@@ -106,7 +106,7 @@ class EventSettings(StrictModel):
     k: Annotated[int, Field(ge=1, le=10)] = 3
     exclude_same_company: bool = True
     weights: MatchWeights = Field(default_factory=MatchWeights)
-    embedder: Literal["local"] = "local"
+    embedder: Literal["local", "openai"] = "local"
 
 
 class EventIn(StrictModel):

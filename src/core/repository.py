@@ -225,6 +225,14 @@ def job_is_paused(conn: Conn, event_id: int) -> bool:
     return bool(row and row[0])
 
 
+def swap_embedder_key(conn: Conn, event_id: int, embedder_key: str) -> bool:
+    """Record the event's embedder; True when it replaced a different one."""
+    row = conn.execute(
+        query("swap_embedder_key"), {"event_id": event_id, "embedder_key": embedder_key}
+    ).fetchone()
+    return row is not None and row[0] is not None
+
+
 def set_job_paused(conn: Conn, event_id: int, paused: bool) -> None:
     conn.execute(query("pause_job" if paused else "resume_job"), {"event_id": event_id})
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from core import repository as repo
 from core.db import connect, resolve_database_url
+from core.embedding import embedder_for_event
 from core.importer import import_profiles
 from core.migrations import migrate
 from core.models import EventIn, EventSettings, Profile
@@ -15,7 +16,7 @@ from core.progress import Progress
 from core.repository import Conn, EventRecord
 from core.settings import Settings
 from core.sql_queries import query
-from core.worker import BatchResult, Matchmaker, WorkerReport, default_embedder
+from core.worker import BatchResult, Matchmaker, WorkerReport
 
 FOREVER_S = 10.0 * 365 * 24 * 3600
 
@@ -52,8 +53,8 @@ def drain(
     return report
 
 
-def verify(conn: Conn, event: EventRecord) -> VerifyReport:
-    return verify_event(conn, event, default_embedder(event).key)
+def verify(conn: Conn, event: EventRecord, settings: Settings) -> VerifyReport:
+    return verify_event(conn, event, embedder_for_event(event, settings).key)
 
 
 def recreate_event(conn: Conn, event: EventIn) -> EventRecord:

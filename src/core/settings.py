@@ -51,6 +51,15 @@ class Settings(BaseSettings):
     matchmaker_function_name: str | None = None
     # The Lambda's own limit minus this is the latest a worker may still be working.
     worker_safety_ms: Annotated[int, Field(ge=0, le=120_000)] = 15_000
+    # OpenAI embeddings for events whose embedder is "openai": the key from Secrets Manager
+    # (OPENAI_SECRET_ARN, in AWS) or OPENAI_API_KEY (local runs); without one, the local
+    # embedder serves every event.
+    openai_secret_arn: str | None = None
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    openai_embedding_model: str = "text-embedding-3-small"
+    openai_embedding_dimensions: Annotated[int, Field(ge=16, le=3072)] = 256
+
     # Legacy synchronous trigger (useQueue: false) only for events up to this size.
     sync_match_max_attendees: Annotated[int, Field(ge=1, le=5000)] = 500
 

@@ -9,19 +9,17 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
 
 import numpy as np
-import numpy.typing as npt
 import psycopg
 
 from core import repository as repo
 from core.embedder import LocalEmbedder, content_hash
+from core.embedding import Embedder, embedder_for_event
 from core.engine import EventState
-from core.models import Profile
 from core.observability import logger
 from core.repository import ClaimedRow, Conn, EventRecord, QueueOutcome
 from core.settings import Settings
@@ -31,23 +29,12 @@ MIN_HEADROOM_S = 0.5
 HEADROOM_FACTOR = 1.5
 
 
-class Embedder(Protocol):
-    """What the worker needs of an embedder (local here; OpenAI plugs in the same way)."""
-
-    @property
-    def key(self) -> str: ...
-
-    @property
-    def dim(self) -> int: ...
-
-    def embed(self, profiles: Sequence[Profile]) -> npt.NDArray[np.int16]: ...
-
-
 EmbedderFactory = Callable[[EventRecord], Embedder]
 
 
 def default_embedder(event: EventRecord) -> LocalEmbedder:
-    del event  # every event uses the local embedder until an OpenAI key is configured
+    """The local embedder (what every event uses without an OpenAI key)."""
+    del event
     return LocalEmbedder()
 
 
@@ -96,11 +83,14 @@ class Matchmaker:
     def __init__(
         self,
         settings: Settings,
-        embedder_for: EmbedderFactory = default_embedder,
+        embedder_for: EmbedderFactory | None = None,
         worker_id: str | None = None,
     ) -> None:
         self.settings = settings
-        self.embedder_for = embedder_for
+        self.embedder_for: EmbedderFactory = embedder_for or (
+            lambda event: embedder_for_event(event, settings)
+        )
+        self.deadline: float | None = None
         self.worker_id = worker_id or default_worker_id()
         self.states: dict[int, EventState] = {}
 
@@ -120,6 +110,7 @@ class Matchmaker:
         which sends them to the dead-letter queue in AWS.
         """
         started = time.monotonic()
+        self.deadline = deadline
         report = WorkerReport()
         # Safe to skip the WAL flush wait: a worker transaction lost in a server crash
         # rolls back a whole batch, whose rows are still leased and get processed again.
@@ -169,6 +160,16 @@ class Matchmaker:
             ready = self._embed(conn, embedder, claimed, failures)
             with conn.transaction():
                 repo.lock_event(conn, event_id)
+                if repo.swap_embedder_key(conn, event_id, embedder.key):
+                    # Vectors of the old embedder no longer count: re-embed everyone.
+                    repo.enqueue_for_matching(
+                        conn,
+                        event_id,
+                        user_ids=None,
+                        only_unmatched=False,
+                        priority=0,
+                        reason="embedder_changed",
+                    )
                 state = self._state(event, embedder.key, embedder.dim)
                 state.refresh(conn)
                 changes = state.process([row.profile_id for row in ready])
@@ -271,7 +272,7 @@ class Matchmaker:
         vectors: list[tuple[int, str, bytes, int]] = []
         if stale:
             try:
-                embedded = embedder.embed([profile for _, profile, _ in stale])
+                embedded = embedder.embed([profile for _, profile, _ in stale], self.deadline)
                 vectors = [
                     (pid, h, np.asarray(vec, dtype="<i2").tobytes(), embedder.dim)
                     for (pid, _, h), vec in zip(stale, embedded, strict=True)
@@ -280,7 +281,7 @@ class Matchmaker:
                 # Find the culprit(s): embed one by one so the others still get matched.
                 for pid, profile, h in stale:
                     try:
-                        vec = embedder.embed([profile])[0]
+                        vec = embedder.embed([profile], self.deadline)[0]
                         vectors.append(
                             (pid, h, np.asarray(vec, dtype="<i2").tobytes(), embedder.dim)
                         )

@@ -169,11 +169,13 @@ class PoisonEmbedder(LocalEmbedder):
         super().__init__()
         self.poison = poison
 
-    def embed(self, profiles: Sequence[Profile]) -> npt.NDArray[np.int16]:
+    def embed(
+        self, profiles: Sequence[Profile], deadline: float | None = None
+    ) -> npt.NDArray[np.int16]:
         bad = [p.user_id for p in profiles if p.user_id in self.poison]
         if bad:
             raise ValueError(f"provider rejected the profile of {bad[0]}")
-        return super().embed(profiles)
+        return super().embed(profiles, deadline)
 
 
 def jwt_payload(event: dict[str, Any]) -> dict[str, Any]:
@@ -941,7 +943,7 @@ BAD_INPUT = [
         "create_event",
         422,
         "create-unknown-embedder",
-        body={"code": CODE, "settings": {"embedder": "openai"}},
+        body={"code": CODE, "settings": {"embedder": "word2vec"}},
     ),
     bad("create_event", 422, "create-unknown-field", body={"code": CODE, "venue": "Lisbon"}),
     bad(

@@ -29,18 +29,22 @@ class PoisonEmbedder(LocalEmbedder):
         self.poison = poison
         self.calls = 0
 
-    def embed(self, profiles: Sequence[Profile]) -> npt.NDArray[np.int16]:
+    def embed(
+        self, profiles: Sequence[Profile], deadline: float | None = None
+    ) -> npt.NDArray[np.int16]:
         self.calls += 1
         bad = [p.user_id for p in profiles if p.user_id in self.poison]
         if bad:
             raise ValueError(f"cannot embed {bad[0]}")
-        return super().embed(profiles)
+        return super().embed(profiles, deadline)
 
 
 class SlowEmbedder(LocalEmbedder):
-    def embed(self, profiles: Sequence[Profile]) -> npt.NDArray[np.int16]:
+    def embed(
+        self, profiles: Sequence[Profile], deadline: float | None = None
+    ) -> npt.NDArray[np.int16]:
         time.sleep(0.2)
-        return super().embed(profiles)
+        return super().embed(profiles, deadline)
 
 
 def drain(conn, worker: Matchmaker, seconds: float = 120, batch_size: int | None = None):

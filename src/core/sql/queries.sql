@@ -323,3 +323,11 @@ SELECT coalesce(extract(epoch FROM now() - min(enqueued_at)), 0)::float8
 -- name: job_is_paused
 SELECT EXISTS (SELECT 1 FROM matchmaking_jobs
                 WHERE event_id = %(event_id)s AND status = 'paused')
+
+-- name: swap_embedder_key
+-- Returns the previous key (NULL the first time) and records the current one.
+UPDATE matchmaking_jobs j SET embedder_key = %(embedder_key)s
+  FROM (SELECT event_id, embedder_key FROM matchmaking_jobs
+         WHERE event_id = %(event_id)s FOR UPDATE) old
+ WHERE j.event_id = old.event_id AND j.embedder_key IS DISTINCT FROM %(embedder_key)s
+RETURNING old.embedder_key
