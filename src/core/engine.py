@@ -79,6 +79,7 @@ class EventState:
         self._id_rank: npt.NDArray[np.int64] | None = None
         self.watermark: int | None = None
         self.lists_version = -1
+        self.stale_rows: set[int] = set()  # stored lists to rewrite whatever happens
 
     # --- loading -------------------------------------------------------------------------
 
@@ -157,11 +158,16 @@ class EventState:
     def _load_lists(self, entries: list[tuple[int, int, int, float]]) -> None:
         self.top_idx[:] = NO_MATCH
         self.top_val[:] = EXCLUDED
+        self.stale_rows = set()
         for owner, rank, matched, score in entries:
             row, other = self.row_of.get(owner), self.row_of.get(matched)
             if row is not None and other is not None and rank <= self.k:
                 self.top_idx[row, rank - 1] = other
                 self.top_val[row, rank - 1] = score
+            elif row is not None:
+                # Longer than k (k was lowered) or naming a row we do not know: the
+                # stored list must be rewritten even if its first k entries stay.
+                self.stale_rows.add(row)
 
     @property
     def id_rank(self) -> npt.NDArray[np.int64]:
@@ -278,6 +284,8 @@ class EventState:
         differs = (new_idx != self.top_idx[:n]).any(axis=1) | (new_val != self.top_val[:n]).any(
             axis=1
         )
+        differs[list(self.stale_rows)] = True
+        self.stale_rows.clear()
         for row in np.flatnonzero(differs).tolist():
             changes.lists[int(self.profile_ids[row])] = self._entries(
                 row, new_idx[row], new_val[row]

@@ -152,6 +152,21 @@ def dismiss(conn: Conn, event_id: int, user_id: str, dismissed_user_id: str) -> 
     return cur.rowcount > 0
 
 
+def update_event_settings(conn: Conn, event_id: int, settings: EventSettings) -> None:
+    conn.execute(
+        query("update_event_settings"),
+        {
+            "event_id": event_id,
+            "k": settings.k,
+            "exclude_same_company": settings.exclude_same_company,
+            "weight_interests": settings.weights.interests,
+            "weight_complement": settings.weights.complementarity,
+            "weight_bio": settings.weights.bio,
+            "embedder": settings.embedder,
+        },
+    )
+
+
 def upsert_attendee(conn: Conn, event_id: int, profile: Profile) -> str:
     """Upsert one profile and make it an active attendee: 'joined', 'updated' or 'unchanged'."""
     params = {"event_id": event_id, **profile.model_dump()}

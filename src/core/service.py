@@ -20,6 +20,7 @@ from core.models import (
     EventIn,
     EventSettings,
     Match,
+    MatchWeights,
     Profile,
     ProfileFields,
     StrictModel,
@@ -137,6 +138,17 @@ class StartIn(StrictModel):
 
     mode: Literal["unmatched", "everyone"] = "unmatched"
     priority: Annotated[int, Field(ge=0, le=3)] = 0
+
+
+class SettingsPatch(StrictModel):
+    """Admin change of an event's matching settings; omitted fields keep their value.
+    Any change re-queues the whole event (k, weights, exclusions and the embedder change
+    every list), and a new embedder re-embeds everyone."""
+
+    k: Annotated[int, Field(ge=1, le=10)] | None = None
+    exclude_same_company: bool | None = None
+    weights: MatchWeights | None = None
+    embedder: Literal["local", "openai"] | None = None
 
 
 class EventOut(BaseModel):
@@ -366,6 +378,21 @@ def status(
         last_error_at=job.get("last_error_at"),
         dead_letter_queue_depth=dead_letter_depth(),
     )
+
+
+def update_settings(
+    conn: Conn, principal: Principal, code: str, body: SettingsPatch, invoke: Invoker
+) -> EventOut:
+    principal.require_admin()
+    with conn.transaction():
+        event = _event(conn, code)
+        settings = event.settings.model_copy(update=body.model_dump(exclude_none=True))
+        changed = settings != event.settings
+        if changed:
+            repo.update_event_settings(conn, event.id, settings)  # the trigger re-queues
+    if changed:
+        invoke(code)
+    return get_event(conn, principal, code)
 
 
 def set_paused(conn: Conn, principal: Principal, code: str, paused: bool) -> StatusOut | None:

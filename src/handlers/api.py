@@ -34,6 +34,7 @@ from core.service import (
     EventOut,
     Principal,
     RedriveOut,
+    SettingsPatch,
     StartIn,
     StatusOut,
     TriggerIn,
@@ -234,6 +235,13 @@ def resume(code: Code) -> Response[str]:
     service.set_paused(_conn(), _principal(), code, paused=False)
     _invoke(code)
     return Response(status_code=204, content_type="application/json", body="")
+
+
+@app.patch("/admin/events/<code>/settings")
+def update_settings(code: Code, body: SettingsPatch) -> EventOut:
+    """Change k, weights, the same-company rule or the embedder: the event is re-matched
+    (and re-embedded for a new embedder)."""
+    return service.update_settings(_conn(), _principal(), code, body, _invoke)
 
 
 @app.get("/admin/events/<code>/dead-letters")

@@ -26,6 +26,7 @@ from psycopg.rows import dict_row
 
 import core.settings
 import handlers.api
+from core import repository as repo
 from core.embedder import LocalEmbedder
 from core.importer import import_profiles
 from core.models import EventIn, Profile
@@ -76,6 +77,7 @@ ADMIN_ROUTES = [
     "admin_status",
     "admin_pause",
     "admin_resume",
+    "admin_settings",
     "admin_dead_letters",
     "admin_redrive",
 ]
@@ -199,7 +201,7 @@ def test_every_route_has_an_event_file_shaped_like_api_gateway_sends_it():
         for path, methods in openapi_document()["paths"].items()
         for method in methods
     }
-    assert len(routes) == 13
+    assert len(routes) == 14
     assert {load_event(name)["routeKey"] for name in ALL_ROUTES} == routes
 
     names = {path.stem for path in EVENTS_API.glob("*.json")}
@@ -1178,3 +1180,36 @@ def test_a_connection_dropped_between_invocations_is_503_then_recovers(api, conn
     retry = api(request("get_event"))
     assert retry.status == 200
     assert retry.json["attendees"] == 2
+
+
+def test_admin_settings_change_requeues_the_event_and_a_drain_applies_it(api, conn, settings):
+    """Given a matched event, when admin_settings.json changes k to 2 (and asks for the
+    OpenAI embedder, which without a key falls back to the local one), then 200 with the
+    new settings, every attendee is queued at priority 0, the matchmaker is invoked, and
+    after a drain every list has 2 entries and equals the oracle's; repeating the same
+    change is a no-op (nothing queued, no invoke)."""
+    event = seed(conn, crowd=4)
+    drain(conn, settings)
+    assert queue_rows(conn, event.id) == []
+
+    reply = api(request("admin_settings", body={"k": 2, "embedder": "openai"}))
+
+    assert reply.status == 200
+    assert reply.json["settings"]["k"] == 2
+    assert reply.json["settings"]["embedder"] == "openai"
+    rows = queue_rows(conn, event.id)
+    assert {(r["priority"], r["reason"]) for r in rows} == {(0, "settings_changed")}
+    assert len(rows) == reply.json["attendees"]
+    assert len(api.invocations) == 1
+    drain(conn, settings)
+    updated = repo.fetch_event(conn, CODE)
+    assert updated is not None and updated.settings.k == 2
+    lists = lists_of(conn, event.id)
+    assert all(len(matches) == 2 for matches in lists.values())
+    assert verify_event(conn, updated, LocalEmbedder().key).ok
+
+    api.invocations.clear()
+    again = api(request("admin_settings", body={"k": 2, "embedder": "openai"}))
+    assert again.status == 200
+    assert queue_rows(conn, event.id) == []
+    assert api.invocations == []

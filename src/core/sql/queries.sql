@@ -331,3 +331,10 @@ UPDATE matchmaking_jobs j SET embedder_key = %(embedder_key)s
          WHERE event_id = %(event_id)s FOR UPDATE) old
  WHERE j.event_id = old.event_id AND j.embedder_key IS DISTINCT FROM %(embedder_key)s
 RETURNING old.embedder_key
+
+-- name: update_event_settings
+UPDATE events
+   SET k = %(k)s, exclude_same_company = %(exclude_same_company)s,
+       weight_interests = %(weight_interests)s, weight_complement = %(weight_complement)s,
+       weight_bio = %(weight_bio)s, embedder = %(embedder)s, updated_at = now()
+ WHERE id = %(event_id)s
