@@ -13,6 +13,7 @@ import openai
 from aws_lambda_powertools.utilities import parameters
 
 from core.embedder import LocalEmbedder
+from core.icebreakers import IcebreakerWriter
 from core.models import Profile
 from core.observability import logger
 from core.openai_embedder import OpenAIEmbedder
@@ -54,6 +55,18 @@ def openai_api_key(settings: Settings) -> str | None:
 def _client(api_key: str, base_url: str | None) -> openai.OpenAI:
     # Retries are ours (they honour the run's deadline), so the client's are off.
     return openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=0)
+
+
+def icebreaker_writer(settings: Settings) -> IcebreakerWriter | None:
+    """A writer for events that want icebreakers, or None without an OpenAI key."""
+    key = openai_api_key(settings)
+    if not key:
+        return None
+    return IcebreakerWriter(
+        _client(key, settings.openai_base_url),
+        settings.openai_chat_model,
+        settings.icebreakers_per_run,
+    )
 
 
 def embedder_for_event(event: EventRecord, settings: Settings) -> Embedder:

@@ -107,6 +107,8 @@ class EventSettings(StrictModel):
     exclude_same_company: bool = True
     weights: MatchWeights = Field(default_factory=MatchWeights)
     embedder: Literal["local", "openai"] = "local"
+    # One-sentence conversation starters per final match, by a chat model (needs OpenAI).
+    icebreakers: bool = False
 
 
 class EventIn(StrictModel):
@@ -120,6 +122,7 @@ class Match(BaseModel):
     rank: int
     score: float
     reasons: list[str]
+    icebreaker: str | None = None
 
 
 class AttendeeMatches(BaseModel):

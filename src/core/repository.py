@@ -80,6 +80,7 @@ def _event_from_row(row: dict[str, Any]) -> EventRecord:
             bio=row["weight_bio"],
         ),
         embedder=row["embedder"],
+        icebreakers=row["icebreakers"],
     )
     return EventRecord(row["id"], row["code"], row["name"], settings)
 
@@ -110,6 +111,7 @@ def ensure_event(conn: Conn, event: EventIn) -> EventRecord:
             "weight_complement": weights.complementarity,
             "weight_bio": weights.bio,
             "embedder": event.settings.embedder,
+            "icebreakers": event.settings.icebreakers,
         },
     )
     stored = fetch_event(conn, event.code)
@@ -163,6 +165,7 @@ def update_event_settings(conn: Conn, event_id: int, settings: EventSettings) ->
             "weight_complement": settings.weights.complementarity,
             "weight_bio": settings.weights.bio,
             "embedder": settings.embedder,
+            "icebreakers": settings.icebreakers,
         },
     )
 
@@ -185,8 +188,14 @@ def attendee_matches(conn: Conn, event_id: int, user_id: str) -> list[dict[str, 
     if not rows:
         return None
     return [
-        {"user_id": other, "rank": rank, "score": round(score, 6), "reasons": reasons}
-        for other, rank, score, reasons in rows
+        {
+            "user_id": other,
+            "rank": rank,
+            "score": round(score, 6),
+            "reasons": reasons,
+            "icebreaker": icebreaker,
+        }
+        for other, rank, score, reasons, icebreaker in rows
         if other is not None
     ]
 
@@ -257,6 +266,37 @@ def redrive_dead(conn: Conn, event_id: int, profile_ids: list[int] | None) -> in
         query("redrive_dead"), {"event_id": event_id, "profile_ids": profile_ids}
     ).fetchone()
     return int(row[0]) if row else 0
+
+
+def icebreaker_pairs(
+    conn: Conn, event_id: int, pairs: list[tuple[int, int]]
+) -> list[dict[str, Any]]:
+    if not pairs:
+        return []
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            query("icebreaker_pairs"),
+            {
+                "event_id": event_id,
+                "owners": [a for a, _ in pairs],
+                "matched": [b for _, b in pairs],
+            },
+        ).fetchall()
+
+
+def store_icebreaker(
+    conn: Conn, event_id: int, *, owner: int, matched: int, pair_hash: str, text: str
+) -> None:
+    conn.execute(
+        query("upsert_icebreaker"),
+        {
+            "event_id": event_id,
+            "profile_id": owner,
+            "matched_profile_id": matched,
+            "pair_hash": pair_hash,
+            "text": text,
+        },
+    )
 
 
 # --- queue -------------------------------------------------------------------------------

@@ -149,6 +149,7 @@ class SettingsPatch(StrictModel):
     exclude_same_company: bool | None = None
     weights: MatchWeights | None = None
     embedder: Literal["local", "openai"] | None = None
+    icebreakers: bool | None = None
 
 
 class EventOut(BaseModel):

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     openai_base_url: str | None = None
     openai_embedding_model: str = "text-embedding-3-small"
     openai_embedding_dimensions: Annotated[int, Field(ge=16, le=3072)] = 256
+    openai_chat_model: str = "gpt-4o-mini"
+    # Icebreakers are extras: at most this many chat calls per worker run.
+    icebreakers_per_run: Annotated[int, Field(ge=0, le=10_000)] = 200
 
     # Legacy synchronous trigger (useQueue: false) only for events up to this size.
     sync_match_max_attendees: Annotated[int, Field(ge=1, le=5000)] = 500

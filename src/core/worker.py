@@ -18,8 +18,9 @@ import psycopg
 
 from core import repository as repo
 from core.embedder import LocalEmbedder, content_hash
-from core.embedding import Embedder, embedder_for_event
+from core.embedding import Embedder, embedder_for_event, icebreaker_writer
 from core.engine import EventState
+from core.icebreakers import IcebreakerWriter
 from core.observability import logger
 from core.repository import ClaimedRow, Conn, EventRecord, QueueOutcome
 from core.settings import Settings
@@ -91,6 +92,7 @@ class Matchmaker:
             lambda event: embedder_for_event(event, settings)
         )
         self.deadline: float | None = None
+        self.icebreakers: IcebreakerWriter | None = None
         self.worker_id = worker_id or default_worker_id()
         self.states: dict[int, EventState] = {}
 
@@ -212,9 +214,22 @@ class Matchmaker:
             return BatchResult(
                 event_id, len(claimed), 0, len(outcomes), 0, dead, time.monotonic() - t0, error
             )
+        if event.settings.icebreakers and changes.lists:
+            self._write_icebreakers(conn, event_id, changes.lists)
         return BatchResult(
             event_id, len(claimed), completed, len(outcomes), written, dead, time.monotonic() - t0
         )
+
+    def _write_icebreakers(
+        self, conn: Conn, event_id: int, lists: dict[int, list[repo.ListEntry]]
+    ) -> None:
+        """After the lists are committed: an icebreaker can never hold a list back."""
+        if self.icebreakers is None:
+            self.icebreakers = icebreaker_writer(self.settings)
+        if self.icebreakers is None:
+            return
+        pairs = [(owner, e.matched_profile_id) for owner, entries in lists.items() for e in entries]
+        self.icebreakers.write(conn, event_id, pairs, self.deadline)
 
     def _settle(
         self,

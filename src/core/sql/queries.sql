@@ -2,19 +2,19 @@
 
 -- name: event_by_code
 SELECT id, code, name, k, exclude_same_company, weight_interests, weight_complement,
-       weight_bio, embedder
+       weight_bio, embedder, icebreakers
   FROM events WHERE code = %(code)s
 
 -- name: event_by_id
 SELECT id, code, name, k, exclude_same_company, weight_interests, weight_complement,
-       weight_bio, embedder
+       weight_bio, embedder, icebreakers
   FROM events WHERE id = %(event_id)s
 
 -- name: insert_event
 INSERT INTO events (code, name, k, exclude_same_company, weight_interests,
-                    weight_complement, weight_bio, embedder)
+                    weight_complement, weight_bio, embedder, icebreakers)
 VALUES (%(code)s, %(name)s, %(k)s, %(exclude_same_company)s, %(weight_interests)s,
-        %(weight_complement)s, %(weight_bio)s, %(embedder)s)
+        %(weight_complement)s, %(weight_bio)s, %(embedder)s, %(icebreakers)s)
 ON CONFLICT (code) DO NOTHING
 
 -- name: drop_profile_staging
@@ -254,7 +254,7 @@ SELECT p.id AS profile_id,
 
 -- name: attendee_matches
 -- An attendee's list; dismissed people are hidden at once, before the re-match lands.
-SELECT t.user_id, m.rank, m.score, m.reasons
+SELECT t.user_id, m.rank, m.score, m.reasons, i.text AS icebreaker
   FROM attendees a
   JOIN profiles o ON o.id = a.profile_id
   LEFT JOIN user_matches m ON m.event_id = a.event_id AND m.profile_id = a.profile_id
@@ -265,6 +265,8 @@ SELECT t.user_id, m.rank, m.score, m.reasons
                             OR (d.profile_id = m.matched_profile_id
                                 AND d.dismissed_profile_id = m.profile_id)))
   LEFT JOIN profiles t ON t.id = m.matched_profile_id
+  LEFT JOIN icebreakers i ON i.event_id = m.event_id AND i.profile_id = m.profile_id
+       AND i.matched_profile_id = m.matched_profile_id
  WHERE a.event_id = %(event_id)s AND a.active AND o.user_id = %(user_id)s
  ORDER BY m.rank
 
@@ -336,5 +338,26 @@ RETURNING old.embedder_key
 UPDATE events
    SET k = %(k)s, exclude_same_company = %(exclude_same_company)s,
        weight_interests = %(weight_interests)s, weight_complement = %(weight_complement)s,
-       weight_bio = %(weight_bio)s, embedder = %(embedder)s, updated_at = now()
+       weight_bio = %(weight_bio)s, embedder = %(embedder)s, icebreakers = %(icebreakers)s,
+       updated_at = now()
  WHERE id = %(event_id)s
+
+-- name: icebreaker_pairs
+-- Both profiles of each (owner, matched) pair and the hash of the stored sentence, if any.
+SELECT o.id AS owner_id, t.id AS matched_id, o.user_id AS owner_user_id,
+       o.title AS owner_title, o.bio AS owner_bio, o.interests AS owner_interests,
+       o.seeking AS owner_seeking, o.offering AS owner_offering,
+       t.user_id AS matched_user_id, t.title AS matched_title, t.bio AS matched_bio,
+       t.interests AS matched_interests, t.seeking AS matched_seeking,
+       t.offering AS matched_offering, i.pair_hash
+  FROM unnest(%(owners)s::bigint[], %(matched)s::bigint[]) AS pair(owner_id, matched_id)
+  JOIN profiles o ON o.id = pair.owner_id
+  JOIN profiles t ON t.id = pair.matched_id
+  LEFT JOIN icebreakers i ON i.event_id = %(event_id)s AND i.profile_id = o.id
+       AND i.matched_profile_id = t.id
+
+-- name: upsert_icebreaker
+INSERT INTO icebreakers AS i (event_id, profile_id, matched_profile_id, pair_hash, text)
+VALUES (%(event_id)s, %(profile_id)s, %(matched_profile_id)s, %(pair_hash)s, %(text)s)
+ON CONFLICT (event_id, profile_id, matched_profile_id) DO UPDATE
+   SET pair_hash = EXCLUDED.pair_hash, text = EXCLUDED.text, created_at = now()
