@@ -125,8 +125,9 @@ class FakeOpenAI:
     fail_all: dict[str, Any] | None = None
     requests: list[RecordedRequest] = field(default_factory=list)
     calls: collections.Counter[str] = field(default_factory=collections.Counter)
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # all endpoints
     completion_tokens: int = 0
+    tokens_by_path: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -178,10 +179,21 @@ class FakeOpenAI:
             self.requests.clear()
             self.calls.clear()
             self.prompt_tokens = self.completion_tokens = 0
+            self.tokens_by_path.clear()
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def embedding_tokens(self) -> int:
+        """Tokens billed by /v1/embeddings (what its answers reported as usage)."""
+        return self.tokens_by_path["/v1/embeddings"]
+
+    @staticmethod
+    def vector(text: str, dimensions: int) -> list[float]:
+        """The vector this fake returns for `text` (before float32 encoding)."""
+        return embed_text(text, dimensions)
 
     def embedding_requests(self) -> list[RecordedRequest]:
         with self._lock:
@@ -203,10 +215,11 @@ class FakeOpenAI:
                 return self.faults.popleft()
             return dict(self.fail_all) if self.fail_all is not None else None
 
-    def _count(self, prompt: int, completion: int = 0) -> None:
+    def _count(self, path: str, prompt: int, completion: int = 0) -> None:
         with self._lock:
             self.prompt_tokens += prompt
             self.completion_tokens += completion
+            self.tokens_by_path[path] += prompt + completion
 
     def _next_id(self) -> int:
         with self._lock:
@@ -235,6 +248,10 @@ class _ApiError(Exception):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # One buffered write per response (flushed by the base class), no Nagle: otherwise
+    # headers and body leave in two segments and each answer waits for a delayed ACK.
+    wbufsize = -1
+    disable_nagle_algorithm = True
     timeout = IDLE_TIMEOUT_S  # idle keep-alive connections are closed
     server: _Server
 
@@ -328,7 +345,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault.get("missing_vector"):
             data.pop()
         tokens = sum(count_tokens(text) for text in inputs)
-        self.server.fake._count(tokens)
+        self.server.fake._count("/v1/embeddings", tokens)
         return {
             "object": "list",
             "data": data,
@@ -353,12 +370,11 @@ class _Handler(BaseHTTPRequestHandler):
             ),
             "",
         )
-        words = sorted({w for w in _WORD.findall(last_user.lower()) if len(w) > 3})[:3]
-        topic = ", ".join(words) if words else "your shared goals"
+        topic = _topic(last_user)
         answer = f"You two should meet to talk about {topic}."
         prompt = sum(count_tokens(t) + 4 for t in texts)  # + role and separators
         completion = count_tokens(answer)
-        self.server.fake._count(prompt, completion)
+        self.server.fake._count("/v1/chat/completions", prompt, completion)
         return {
             "id": f"chatcmpl-fake-{self.server.fake._next_id()}",
             "object": "chat.completion",
@@ -409,6 +425,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(payload)
+            self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout)
             self.close_connection = True
 
@@ -420,7 +437,46 @@ def _error_type(status: int) -> str:
         return "server_error"
     if status == 401:
         return "invalid_api_key"
-    return HTTPStatus(status).phrase.lower().replace(" ", "_") if status in HTTPStatus else "error"
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_")
+    except ValueError:
+        return "error"
+
+
+_FILLER = frozenset(
+    [
+        "about",
+        "attendee",
+        "interests",
+        "offers",
+        "opening",
+        "seeks",
+        "sentence",
+        "should",
+        "their",
+        "these",
+        "title",
+        "what",
+        "when",
+        "where",
+        "which",
+        "with",
+        "write",
+        "your",
+    ]
+)
+
+
+def _topic(prompt: str) -> str:
+    """Up to three words of the prompt, preferring words found on several of its lines
+    (what two described attendees share)."""
+    lines = [
+        {w for w in _WORD.findall(line.lower()) if len(w) > 3 and w not in _FILLER}
+        for line in prompt.splitlines()
+    ]
+    seen = collections.Counter(w for line in lines for w in line)
+    ranked = sorted(seen, key=lambda w: (-seen[w], -len(w), w))[:3]
+    return ", ".join(sorted(ranked)) if ranked else "your shared goals"
 
 
 def _role(message: Any) -> str:

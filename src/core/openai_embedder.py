@@ -40,6 +40,11 @@ class EmbeddingError(RuntimeError):
     """The provider could not embed these profiles (after retries, or a bad answer)."""
 
 
+class ProviderUnavailableError(EmbeddingError):
+    """Retries ran out on 429 / 5xx / timeouts: the provider is down, not this input.
+    The worker fails the whole batch's users at once instead of retrying each alone."""
+
+
 def profile_texts(profile: Profile) -> list[str]:
     """The four texts of a profile, in BLOCKS order ('' for an empty block)."""
     texts = [
@@ -116,10 +121,9 @@ class OpenAIEmbedder:
                 openai.APITimeoutError,
                 openai.APIConnectionError,
             ) as exc:
-                wait = _retry_after(exc) or min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
-                wait *= 0.5 + random.random() / 2  # noqa: S311 - jitter, not cryptography
+                wait = _wait_before_retry(exc, attempt)
                 if attempt == self.max_attempts or not self._has_time(deadline, wait):
-                    raise EmbeddingError(
+                    raise ProviderUnavailableError(
                         f"embeddings API unavailable after {attempt} attempt(s): "
                         f"{type(exc).__name__}: {exc}"
                     ) from exc
@@ -127,7 +131,8 @@ class OpenAIEmbedder:
                 self.sleep(wait)
             except openai.APIStatusError as exc:  # 4xx other than 429: retrying will not help
                 raise EmbeddingError(f"embeddings API rejected the request: {exc}") from exc
-            except openai.APIResponseValidationError as exc:
+            except (openai.APIResponseValidationError, ValueError) as exc:
+                # ValueError covers invalid JSON and "No embedding data received"
                 raise EmbeddingError(f"malformed answer from the embeddings API: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -161,6 +166,16 @@ class OpenAIEmbedder:
 
     def _has_time(self, deadline: float | None, wait: float) -> bool:
         return deadline is None or self.clock() + wait + 1.0 < deadline
+
+
+def _wait_before_retry(exc: Exception, attempt: int) -> float:
+    """Retry-After as the provider asked (never earlier; a little later to spread
+    clients), else capped exponential backoff with full jitter."""
+    asked = _retry_after(exc)
+    if asked is not None:
+        return asked * (1 + random.random() / 10)  # noqa: S311 - jitter, not cryptography
+    backoff = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
+    return backoff * (0.5 + random.random() / 2)  # noqa: S311
 
 
 def _retry_after(exc: Exception) -> float | None:

@@ -22,6 +22,7 @@ from core.embedding import Embedder, embedder_for_event, icebreaker_writer
 from core.engine import EventState
 from core.icebreakers import IcebreakerWriter
 from core.observability import logger
+from core.openai_embedder import ProviderUnavailableError
 from core.repository import ClaimedRow, Conn, EventRecord, QueueOutcome
 from core.settings import Settings
 
@@ -292,6 +293,10 @@ class Matchmaker:
                     (pid, h, np.asarray(vec, dtype="<i2").tobytes(), embedder.dim)
                     for (pid, _, h), vec in zip(stale, embedded, strict=True)
                 ]
+            except ProviderUnavailableError as exc:
+                # The provider is down: one by one would only multiply the requests.
+                for pid, _, _ in stale:
+                    failures[by_profile[pid].queue_id] = _short_error(exc)
             except Exception:
                 # Find the culprit(s): embed one by one so the others still get matched.
                 for pid, profile, h in stale:

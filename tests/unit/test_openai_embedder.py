@@ -1,0 +1,258 @@
+"""Unit tests without a database: the fake OpenAI API speaks the protocol the official
+client expects, and the OpenAI embedder's helpers (texts, chunking, Retry-After, which
+embedder serves an event) behave as documented."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import openai
+import pytest
+from pydantic import SecretStr
+
+from core import embedding
+from core import openai_embedder as oe
+from core.embedder import BLOCKS, LocalEmbedder
+from core.models import EventSettings, Profile
+from core.openai_embedder import OpenAIEmbedder, profile_texts
+from core.repository import EventRecord
+from core.settings import Settings
+
+if TYPE_CHECKING:
+    from tests.fake_openai import FakeOpenAI
+
+pytest_plugins = ("tests.fake_openai",)
+
+
+def client_for(fake: FakeOpenAI) -> openai.OpenAI:
+    return openai.OpenAI(api_key="test", base_url=fake.base_url, max_retries=0)
+
+
+def post(fake: FakeOpenAI, path: str, body: Any, headers: dict[str, str] | None = None) -> Any:
+    """A raw POST (no client): (status, parsed JSON body)."""
+    request = urllib.request.Request(
+        fake.base_url + path,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **(headers or {})},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+# --- the fake ----------------------------------------------------------------------------
+
+
+def test_the_fake_answers_base64_and_float_with_the_same_unit_vectors(fake_openai):
+    """Given the client's default (base64) and encoding_format="float", when the same texts
+    are embedded, then both decode to the same deterministic unit vectors, and usage is
+    reported and counted."""
+    client = client_for(fake_openai)
+    texts = ["robotics; climate tech", "robotics", "pottery"]
+
+    packed = client.embeddings.create(model="text-embedding-3-small", input=texts, dimensions=32)
+    plain = client.embeddings.create(
+        model="text-embedding-3-small", input=texts, dimensions=32, encoding_format="float"
+    )
+
+    bodies = [r.body for r in fake_openai.embedding_requests()]
+    assert [b["encoding_format"] for b in bodies] == ["base64", "float"]
+    a = np.asarray([d.embedding for d in packed.data])
+    b = np.asarray([d.embedding for d in plain.data])
+    assert a.shape == (3, 32)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0)
+    assert b[0] @ b[1] > 0.5 > abs(b[1] @ b[2])  # shared words make close vectors
+    assert packed.usage.total_tokens == plain.usage.total_tokens > 0
+    assert fake_openai.embedding_tokens == 2 * plain.usage.total_tokens
+    assert fake_openai.calls["/v1/embeddings"] == 2
+
+
+def test_the_fake_accepts_a_single_string_and_rejects_an_empty_one(fake_openai):
+    """Given a single string input, then one vector (default 1536 dimensions); given an
+    empty string, then a 400 like the real API's."""
+    single = client_for(fake_openai).embeddings.create(
+        model="text-embedding-3-small", input="hello world", encoding_format="float"
+    )
+    assert len(single.data) == 1 and len(single.data[0].embedding) == 1536
+    with pytest.raises(openai.BadRequestError, match="input"):
+        client_for(fake_openai).embeddings.create(model="text-embedding-3-small", input=["a", ""])
+
+
+def test_the_fake_rejects_a_request_without_a_key(fake_openai):
+    """Given no Authorization header, then 401 with an OpenAI-style error body."""
+    status, body = post(fake_openai, "/embeddings", {"model": "m", "input": "x"})
+    assert status == 401
+    assert body["error"]["message"]
+
+
+def test_faults_are_consumed_in_order_and_fail_all_lasts_until_cleared(fake_openai):
+    """Given two queued faults, the next two requests get them in order, then normal
+    answers; fail_all applies to every request until cleared; reset() forgets all."""
+    client = client_for(fake_openai)
+    fake_openai.faults.extend([{"status": 429, "retry_after": "7"}, {"status": 503}])
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.embeddings.create(model="m", input="x")
+    assert limited.value.response.headers["retry-after"] == "7"
+    with pytest.raises(openai.InternalServerError):
+        client.embeddings.create(model="m", input="x")
+    client.embeddings.create(model="m", input="x")
+
+    fake_openai.fail_all = {"status": 401}
+    for _ in range(2):
+        with pytest.raises(openai.AuthenticationError):
+            client.embeddings.create(model="m", input="x")
+    fake_openai.fail_all = None
+    client.embeddings.create(model="m", input="x")
+    assert fake_openai.calls["/v1/embeddings"] == 6
+
+    fake_openai.reset()
+    assert (fake_openai.requests, fake_openai.calls["/v1/embeddings"]) == ([], 0)
+
+
+def test_a_delay_makes_the_client_time_out_and_a_drop_is_a_connection_error(fake_openai):
+    """Given a 2 s delay and a 0.3 s client timeout, then APITimeoutError quickly; given a
+    dropped connection, then APIConnectionError."""
+    client = client_for(fake_openai).with_options(timeout=0.3)
+    fake_openai.faults.extend([{"delay": 2.0}, {"drop": True}])
+    started = time.monotonic()
+    with pytest.raises(openai.APITimeoutError):
+        client.embeddings.create(model="m", input="x")
+    assert time.monotonic() - started < 1.5
+    with pytest.raises(openai.APIConnectionError):
+        client.embeddings.create(model="m", input="x")
+
+
+def test_the_fake_answers_chat_completions_with_one_sentence(fake_openai):
+    """Given a chat request, then one sentence naming what the attendees share, with usage."""
+    answer = client_for(fake_openai).chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[
+            {"role": "system", "content": "Write one sentence."},
+            {"role": "user", "content": "Attendee A: robotics, sailing\nAttendee B: robotics"},
+        ],
+    )
+    text = answer.choices[0].message.content
+    assert text.endswith(".") and text.count(".") == 1
+    assert "robotics" in text
+    assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+    assert fake_openai.calls["/v1/chat/completions"] == 1
+    assert fake_openai.tokens_by_path["/v1/chat/completions"] == answer.usage.total_tokens
+
+
+def test_the_fake_stops_promptly_even_during_a_delay():
+    """Given a request stuck in a 30 s scripted delay, when the fake stops, then it stops
+    at once (the delay is cut short)."""
+    from tests.fake_openai import FakeOpenAI  # noqa: PLC0415 - the plugin imports it first
+
+    fake = FakeOpenAI().start()
+    fake.faults.append({"delay": 30.0})
+    client = client_for(fake).with_options(timeout=0.2)
+    with pytest.raises(openai.APITimeoutError):
+        client.embeddings.create(model="m", input="x")
+    started = time.monotonic()
+    fake.stop()
+    assert time.monotonic() - started < 3.0
+
+
+# --- the embedder's helpers -----------------------------------------------------------
+
+
+def test_profile_texts_are_the_four_blocks_in_order():
+    profile = Profile(
+        user_id="u",
+        interests=["AI", "robotics"],
+        offering=["mentoring"],
+        title="CTO",
+        bio="Builds robots.",
+    )
+    assert profile_texts(profile) == ["AI; robotics", "", "mentoring", "CTO — Builds robots."]
+    assert len(profile_texts(Profile(user_id="v"))) == len(BLOCKS)
+
+
+def test_chunks_respect_the_input_and_character_limits():
+    """Given 1,100 short texts, then chunks of 512, 512 and 76; given three texts of just
+    over half the character limit, then one per chunk (any two would exceed it)."""
+    sizes = [len(c) for c in oe._chunks([f"t{i}" for i in range(1100)])]
+    assert sizes == [512, 512, 76]
+    big = ["x" * (oe.MAX_CHARS_PER_REQUEST // 2 + 1)] * 3
+    assert [len(c) for c in oe._chunks(big)] == [1, 1, 1]
+    assert oe._chunks([]) == []
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [("2.5", 2.5), ("120", oe.MAX_RETRY_AFTER_S), ("-3", 0.0), ("Wed, 21 Oct 2015", None)],
+)
+def test_retry_after_is_parsed_and_capped(header, expected):
+    exc = SimpleNamespace(response=SimpleNamespace(headers={"retry-after": header}))
+    assert oe._retry_after(exc) == expected  # type: ignore[arg-type]
+
+
+def test_retry_after_absent():
+    assert oe._retry_after(RuntimeError("no response")) is None
+
+
+def test_the_key_names_model_dimensions_and_quantisation():
+    embedder = OpenAIEmbedder(openai.OpenAI(api_key="x"), model="m-1", dimensions=128)
+    assert embedder.key == "openai:m-1:d128:q1"
+    assert embedder.dim == 4 * 128
+
+
+# --- which embedder serves an event -----------------------------------------------------
+
+
+def event(embedder: str) -> EventRecord:
+    return EventRecord(1, "ev", "Event", EventSettings(embedder=embedder))
+
+
+def settings_with(**fields: Any) -> Settings:
+    return Settings(
+        openai_api_key=fields.pop("openai_api_key", None),
+        openai_secret_arn=fields.pop("openai_secret_arn", None),
+        **fields,
+    )
+
+
+def test_an_openai_event_with_a_key_gets_the_openai_embedder():
+    chosen = embedding.embedder_for_event(
+        event("openai"),
+        settings_with(
+            openai_api_key=SecretStr("sk-test"),
+            openai_base_url="http://127.0.0.1:9/v1",
+            openai_embedding_model="text-embedding-3-large",
+            openai_embedding_dimensions=512,
+        ),
+    )
+    assert isinstance(chosen, OpenAIEmbedder)
+    assert chosen.key == "openai:text-embedding-3-large:d512:q1"
+    assert str(chosen.client.base_url).startswith("http://127.0.0.1:9/v1")
+
+
+def test_without_a_key_or_for_a_local_event_the_local_embedder_serves():
+    assert isinstance(embedding.embedder_for_event(event("openai"), settings_with()), LocalEmbedder)
+    keyed = settings_with(openai_api_key=SecretStr("sk-test"))
+    assert isinstance(embedding.embedder_for_event(event("local"), keyed), LocalEmbedder)
+
+
+@pytest.mark.parametrize("secret", ["sk-plain", '{"api_key": "sk-plain"}'])
+def test_the_key_can_come_from_secrets_manager(monkeypatch, secret):
+    """Given OPENAI_SECRET_ARN holding a plain key or {"api_key": ...}, then that key."""
+
+    def get_secret(arn: str, transform: str | None = None, max_age: int = 0) -> Any:
+        assert arn == "arn:aws:secretsmanager:eu-west-1:1:secret:openai"
+        return json.loads(secret) if transform == "json" else secret
+
+    monkeypatch.setattr(embedding.parameters, "get_secret", get_secret)
+    settings = settings_with(openai_secret_arn="arn:aws:secretsmanager:eu-west-1:1:secret:openai")
+    assert embedding.openai_api_key(settings) == "sk-plain"
+    assert isinstance(embedding.embedder_for_event(event("openai"), settings), OpenAIEmbedder)
