@@ -1,0 +1,125 @@
+"""Icebreakers: one sentence per final match, only when the event asks, cached per pair,
+and never able to hold back or fail the lists themselves."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from pydantic import SecretStr
+
+from core import repository as repo
+from core.embedder import LocalEmbedder
+from core.oracle import verify_event
+from core.repository import Conn, EventRecord
+from core.settings import Settings
+from core.synthetic import generate_profiles
+from core.worker import Matchmaker
+from tests.helpers import add_attendees, queue_rows
+
+pytest_plugins = ("tests.fake_openai",)
+
+CHAT = "/v1/chat/completions"
+
+
+@pytest.fixture
+def openai_settings(settings: Settings, fake_openai) -> Settings:
+    return settings.model_copy(
+        update={"openai_api_key": SecretStr("test-key"), "openai_base_url": fake_openai.base_url}
+    )
+
+
+def chat_calls(fake_openai) -> int:
+    return sum(1 for r in fake_openai.requests if r.path.endswith(CHAT))
+
+
+def drain(conn: Conn, settings: Settings) -> None:
+    report = Matchmaker(settings).run(conn, deadline=time.monotonic() + 60)
+    assert report.failed == 0
+
+
+def all_matches(conn: Conn, event: EventRecord) -> list[dict]:
+    people = [
+        row[0]
+        for row in conn.execute(
+            "SELECT p.user_id FROM attendees a JOIN profiles p ON p.id = a.profile_id"
+            " WHERE a.event_id = %s AND a.active",
+            (event.id,),
+        )
+    ]
+    return [m for user in people for m in repo.attendee_matches(conn, event.id, user) or []]
+
+
+def test_every_final_match_gets_one_cached_icebreaker(conn, openai_settings, fake_openai):
+    """Given an event with icebreakers on (local embeddings, a chat key configured), when
+    the queue drains, then every match shown has a sentence, there was exactly one chat
+    call per distinct final pair, a full re-match makes no chat call at all, and a profile
+    edit asks only for pairs that involve that profile."""
+    event = add_attendees(
+        conn, "ice-1", generate_profiles(12, seed=31, id_prefix="i-"), icebreakers=True
+    )
+    drain(conn, openai_settings)
+
+    matches = all_matches(conn, event)
+    assert len(matches) == 12 * 3
+    assert all(m["icebreaker"] and len(m["icebreaker"]) <= 300 for m in matches)
+    stored = conn.execute(
+        "SELECT count(*) FROM icebreakers WHERE event_id = %s", (event.id,)
+    ).fetchone()
+    assert stored == (12 * 3,)
+    assert chat_calls(fake_openai) == 12 * 3
+    assert not any(r.path.endswith("/embeddings") for r in fake_openai.requests)
+
+    conn.execute(
+        "SELECT mm_enqueue(%s, ARRAY(SELECT profile_id FROM attendees"
+        " WHERE event_id = %s), 0::smallint, 'rematch')",
+        (event.id, event.id),
+    )
+    drain(conn, openai_settings)
+    assert chat_calls(fake_openai) == 12 * 3
+
+    # One profile changes: only pairs involving it can need a new sentence.
+    conn.execute("UPDATE profiles SET interests = '{deep sea robotics}' WHERE user_id = 'i-000004'")
+    drain(conn, openai_settings)
+    involving = conn.execute(
+        "SELECT count(*) FROM user_matches m JOIN profiles o ON o.id = m.profile_id"
+        " JOIN profiles t ON t.id = m.matched_profile_id"
+        " WHERE m.event_id = %s AND 'i-000004' IN (o.user_id, t.user_id)",
+        (event.id,),
+    ).fetchone()[0]
+    new_calls = chat_calls(fake_openai) - 12 * 3
+    assert 0 < new_calls <= involving
+    assert all(m["icebreaker"] for m in all_matches(conn, event))
+
+
+def test_a_failing_chat_model_never_holds_back_the_lists(conn, openai_settings, fake_openai):
+    """Given the chat endpoint failing every request, when the queue drains, then every
+    list is saved and exact, no user failed or died, and no icebreaker exists; once the
+    model answers again, the next change writes them."""
+    fake_openai.fail_all = {"status": 500}
+    event = add_attendees(
+        conn, "ice-2", generate_profiles(10, seed=32, id_prefix="j-"), icebreakers=True
+    )
+    drain(conn, openai_settings)
+
+    assert queue_rows(conn, event.id) == []
+    assert verify_event(conn, event, LocalEmbedder().key).ok
+    assert all(m["icebreaker"] is None for m in all_matches(conn, event))
+    assert chat_calls(fake_openai) > 0
+    job = repo.job_status(conn, event.id)["job"]
+    assert (job["failed_count"], job["dead_count"]) == (0, 0)
+
+    fake_openai.fail_all = None
+    conn.execute(
+        "UPDATE profiles SET interests = interests || '{sailing}' WHERE user_id = 'j-000001'"
+    )
+    drain(conn, openai_settings)
+    assert any(m["icebreaker"] for m in all_matches(conn, event))
+
+
+def test_no_icebreakers_unless_the_event_asks(conn, openai_settings, fake_openai):
+    """The setting is off by default: a key alone makes no chat call."""
+    event = add_attendees(conn, "ice-3", generate_profiles(8, seed=33, id_prefix="k-"))
+    drain(conn, openai_settings)
+    assert chat_calls(fake_openai) == 0
+    assert all(m["icebreaker"] is None for m in all_matches(conn, event))
