@@ -595,11 +595,18 @@ DB_SECRET = {
 }
 
 
-def test_each_function_reads_only_the_database_secret(template: dict[str, Any]) -> None:
-    assert globals_function(template)["Environment"]["Variables"]["DB_SECRET_ARN"] == DB_SECRET
+def test_each_function_reads_only_the_secrets_it_needs(template: dict[str, Any]) -> None:
+    variables = globals_function(template)["Environment"]["Variables"]
+    assert variables["DB_SECRET_ARN"] == DB_SECRET
+    assert variables["OPENAI_SECRET_ARN"] == {"Ref": "OpenAiSecretArn"}
+    # Only the functions that embed (the worker, and the API's synchronous trigger) may
+    # read the OpenAI key; every function reads the database secret.
+    embedding = {"MatchmakerFunction", "ApiFunction"}
     for name in functions(template):
         statements = _role_statements(template, name)
-        assert _grants(statements, "secretsmanager:GetSecretValue") == [DB_SECRET], name
+        expected = [DB_SECRET, {"Ref": "OpenAiSecretArn"}] if name in embedding else [DB_SECRET]
+        granted = _grants(statements, "secretsmanager:GetSecretValue")
+        assert sorted(map(str, granted)) == sorted(map(str, expected)), name
         env = environment(template, name)
         for key in ("DB_SECRET_ARN", "DB_HOST", "DB_PORT", "DB_NAME"):
             assert key in env, (name, key)
