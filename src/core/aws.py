@@ -6,6 +6,7 @@ Clients are created lazily and reused across warm invocations.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -17,6 +18,9 @@ from core.observability import logger
 from core.repository import Conn, QueueOutcome
 
 SQS_BATCH = 10  # SendMessageBatch takes at most 10 entries
+
+# `matchmaker serve` sets this: an "async invoke" then wakes the local scheduler.
+local_invoke: Callable[[dict[str, Any]], None] | None = None
 
 
 @cache
@@ -51,6 +55,9 @@ def send_dead_letters(conn: Conn, queue_url: str, outcomes: list[QueueOutcome]) 
 def invoke_matchmaker(function_name: str | None, event_code: str) -> bool:
     """Start the matchmaker now instead of at the next scheduled tick. Best effort: the
     work is already queued, so a failed invoke only delays it by one tick."""
+    if local_invoke is not None:
+        local_invoke({"source": "trigger", "event_code": event_code})
+        return True
     if not function_name:
         return False
     try:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,10 +15,12 @@ from typing import Any, TextIO
 import psycopg
 from pydantic import ValidationError
 
+from core import devauth
 from core import repository as repo
 from core.db import DatabaseUnavailableError, connect, resolve_database_url
 from core.import_parser import ImportFormatError, format_validation_error
 from core.importer import import_file
+from core.local_server import LocalStack
 from core.migrations import MigrationError, migrate
 from core.models import EventIn
 from core.observability import quiet_for_cli
@@ -265,6 +269,35 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK if all(r["verified"] in (True, None) for r in rows) else EXIT_PROBLEM
 
 
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    stack = LocalStack(settings, host=args.host, port=args.port, schedule_s=args.schedule_seconds)
+    stack.start()
+    admin = devauth.mint(stack.secret, "admin", "local-admin")
+    service = devauth.mint(stack.secret, "service", "local-app")
+    print(f"Matchmaker API on {stack.url} (matchmaker every {args.schedule_seconds:g}s)")
+    print(f"admin token:   {admin}")
+    print(f"service token: {service}")
+    print("attendee token: matchmaker token --role attendee --sub USER_ID")
+    print(f"try: curl -H 'Authorization: Bearer {service[:12]}...' {stack.url}/events/demo")
+    print("Ctrl-C stops.", flush=True)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        stopping.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping...", file=sys.stderr)
+        stack.stop()
+    return EXIT_OK
+
+
+def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
+    secret = devauth.load_secret(settings.pgdata.parent / "dev-token-secret")
+    print(devauth.mint(secret, args.role, args.sub, ttl_s=int(args.ttl_hours * 3600)))
+    return EXIT_OK
+
+
 # --- parser ------------------------------------------------------------------------------
 
 
@@ -320,6 +353,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="also run the oracle (slower)")
     p.add_argument("--json", help="write the figures to this JSON file")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="the HTTP API, schedule and SQS on this machine")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to listen on (default 127.0.0.1: never public by default)",
+    )
+    p.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    p.add_argument(
+        "--schedule-seconds",
+        type=float,
+        default=5.0,
+        help="how often the matchmaker runs (triggers run it at once)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("token", help="a development token for `serve`")
+    p.add_argument("--role", choices=["admin", "service", "attendee"], default="service")
+    p.add_argument("--sub", default="local-app", help="subject (an attendee's user_id)")
+    p.add_argument("--ttl-hours", type=float, default=168)
+    p.set_defaults(func=cmd_token)
     return parser
 
 

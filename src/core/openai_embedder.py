@@ -174,8 +174,8 @@ def _wait_before_retry(exc: Exception, attempt: int) -> float:
     asked = _retry_after(exc)
     if asked is not None:
         return asked * (1 + random.random() / 10)  # noqa: S311 - jitter, not cryptography
-    backoff = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
-    return backoff * (0.5 + random.random() / 2)  # noqa: S311
+    backoff = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2.0 ** (attempt - 1))
+    return float(backoff * (0.5 + random.random() / 2))  # noqa: S311
 
 
 def _retry_after(exc: Exception) -> float | None:
