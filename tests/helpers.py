@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from psycopg.rows import dict_row
 
 from core import repository as repo
+from core.embedder import LocalEmbedder
 from core.importer import import_profiles
 from core.models import EventIn, EventSettings, Profile
 from core.repository import Conn, EventRecord
@@ -35,3 +39,21 @@ def add_attendees(
 ) -> EventRecord:
     code = event if isinstance(event, str) else event.code
     return import_profiles(conn, EventIn(code=code, settings=EventSettings(**settings)), profiles)
+
+
+class PoisonEmbedder(LocalEmbedder):
+    """Rejects chosen profiles, like an embedding provider refusing one input."""
+
+    def __init__(self, poison: set[str]) -> None:
+        super().__init__()
+        self.poison = poison
+        self.calls = 0
+
+    def embed(
+        self, profiles: Sequence[Profile], deadline: float | None = None
+    ) -> npt.NDArray[np.int16]:
+        self.calls += 1
+        bad = [p.user_id for p in profiles if p.user_id in self.poison]
+        if bad:
+            raise ValueError(f"provider rejected the profile of {bad[0]}")
+        return super().embed(profiles, deadline)

@@ -16,11 +16,9 @@ import base64
 import json
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 import pytest
 from psycopg.rows import dict_row
 
@@ -36,7 +34,7 @@ from core.settings import Settings
 from core.synthetic import generate_profiles
 from core.worker import Matchmaker, WorkerReport, default_embedder
 from handlers.api import MAX_BODY_BYTES, openapi_document
-from tests.helpers import add_attendees, lists_of, queue_rows
+from tests.helpers import PoisonEmbedder, add_attendees, lists_of, queue_rows
 from tests.integration.api_support import (
     ADA,
     CODE,
@@ -162,22 +160,6 @@ def make_dead(conn: Conn, user_id: str, error: str = "provider rejected the prof
         (error, user_id),
     )
     assert cur.rowcount == 1
-
-
-class PoisonEmbedder(LocalEmbedder):
-    """Rejects chosen profiles, like an embedding provider refusing one input."""
-
-    def __init__(self, poison: set[str]) -> None:
-        super().__init__()
-        self.poison = poison
-
-    def embed(
-        self, profiles: Sequence[Profile], deadline: float | None = None
-    ) -> npt.NDArray[np.int16]:
-        bad = [p.user_id for p in profiles if p.user_id in self.poison]
-        if bad:
-            raise ValueError(f"provider rejected the profile of {bad[0]}")
-        return super().embed(profiles, deadline)
 
 
 def jwt_payload(event: dict[str, Any]) -> dict[str, Any]:

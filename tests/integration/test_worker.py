@@ -18,25 +18,7 @@ from core.oracle import verify_event
 from core.repository import EventRecord
 from core.synthetic import generate_profiles
 from core.worker import Matchmaker, default_embedder, run_worker
-from tests.helpers import add_attendees, lists_of, queue_rows
-
-
-class PoisonEmbedder(LocalEmbedder):
-    """Fails for chosen users, like a provider rejecting one profile."""
-
-    def __init__(self, poison: set[str]) -> None:
-        super().__init__()
-        self.poison = poison
-        self.calls = 0
-
-    def embed(
-        self, profiles: Sequence[Profile], deadline: float | None = None
-    ) -> npt.NDArray[np.int16]:
-        self.calls += 1
-        bad = [p.user_id for p in profiles if p.user_id in self.poison]
-        if bad:
-            raise ValueError(f"cannot embed {bad[0]}")
-        return super().embed(profiles, deadline)
+from tests.helpers import PoisonEmbedder, add_attendees, lists_of, queue_rows
 
 
 class SlowEmbedder(LocalEmbedder):
@@ -70,7 +52,7 @@ def test_a_poison_user_dies_alone_and_everyone_else_is_matched(conn, settings):
     assert [(r["user_id"], r["status"], r["attempts"]) for r in rows] == [
         ("w-000007", "dead", settings.max_attempts)
     ]
-    assert "cannot embed w-000007" in rows[0]["last_error"]
+    assert "provider rejected the profile of w-000007" in rows[0]["last_error"]
     assert [d.profile_id for d in report.dead] == [rows[0]["profile_id"]]
     lists = lists_of(conn, event.id)
     assert lists["w-000007"] == []
@@ -83,7 +65,7 @@ def test_a_poison_user_dies_alone_and_everyone_else_is_matched(conn, settings):
     assert status["queue"]["dead"] == 1
     assert status["job"]["dead_count"] == 1
     assert status["job"]["failed_count"] == settings.max_attempts
-    assert "cannot embed" in status["job"]["last_error"]
+    assert "provider rejected" in status["job"]["last_error"]
 
     # Redrive after the cause is fixed: the user is matched and the event is exact again.
     embedder.poison.clear()

@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
 import boto3
-import numpy as np
-import numpy.typing as npt
 import psycopg
 import pytest
 from moto import mock_aws
@@ -26,15 +24,13 @@ import handlers.matchmaker
 import handlers.migrate
 import handlers.redrive
 from core import repository as repo
-from core.embedder import LocalEmbedder
 from core.migrations import default_migrations_dir, discover
-from core.models import Profile
 from core.oracle import verify_event
 from core.synthetic import generate_profiles
 from core.worker import Matchmaker, default_embedder
 from handlers.api import openapi_document
 from tests.conftest import database_uri
-from tests.helpers import add_attendees, queue_rows
+from tests.helpers import PoisonEmbedder, add_attendees, queue_rows
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
 
@@ -57,19 +53,6 @@ class FakeContext:
 
     def get_remaining_time_in_millis(self) -> int:
         return self.remaining_ms
-
-
-class PoisonEmbedder(LocalEmbedder):
-    def __init__(self, poison: set[str]) -> None:
-        super().__init__()
-        self.poison = poison
-
-    def embed(
-        self, profiles: Sequence[Profile], deadline: float | None = None
-    ) -> npt.NDArray[np.int16]:
-        if any(p.user_id in self.poison for p in profiles):
-            raise ValueError("provider rejected the profile")
-        return super().embed(profiles, deadline)
 
 
 @pytest.fixture
