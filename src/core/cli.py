@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -37,6 +38,7 @@ from core.runner import (
     verify,
 )
 from core.settings import Settings, get_settings
+from core.smoke import SmokeUsageError, run_smoke
 from core.synthetic import generate_profiles
 from core.worker import Matchmaker, WorkerReport
 
@@ -282,6 +284,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     print("Ctrl-C stops.", flush=True)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    # A background job of a script inherits "ignore SIGINT": take it back.
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
     try:
         stopping.wait()
     except KeyboardInterrupt:
@@ -290,6 +294,29 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         print("stopping...", file=sys.stderr)
         stack.stop()
     return EXIT_OK
+
+
+def cmd_smoke(args: argparse.Namespace, settings: Settings) -> int:
+    service = args.token or os.environ.get("MATCHMAKER_SERVICE_TOKEN")
+    admin = args.admin_token or os.environ.get("MATCHMAKER_ADMIN_TOKEN")
+    if not service or not admin:
+        raise CliError(
+            "smoke needs a service and an admin token: --token and --admin-token, or "
+            "MATCHMAKER_SERVICE_TOKEN and MATCHMAKER_ADMIN_TOKEN (`matchmaker serve` prints both)"
+        )
+    try:
+        report = run_smoke(
+            args.api_url,
+            args.event,
+            users=args.users,
+            service_token=service,
+            admin_token=admin,
+            out=sys.stdout,
+            timeout_s=args.timeout,
+        )
+    except SmokeUsageError as exc:
+        raise CliError(str(exc)) from exc
+    return EXIT_OK if report.ok else EXIT_PROBLEM
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
@@ -368,6 +395,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often the matchmaker runs (triggers run it at once)",
     )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("smoke", help="end-to-end check of a running API (serve or AWS)")
+    p.add_argument("--api-url", default="http://127.0.0.1:8080", help="the API's base URL")
+    p.add_argument("--event", default="smoke-test", help="event code (created if missing)")
+    p.add_argument("--users", type=int, default=30, help="synthetic attendees to add")
+    p.add_argument("--token", help="service token (default: $MATCHMAKER_SERVICE_TOKEN)")
+    p.add_argument("--admin-token", help="admin token (default: $MATCHMAKER_ADMIN_TOKEN)")
+    p.add_argument("--timeout", type=float, default=120, help="seconds to wait for matching")
+    p.set_defaults(func=cmd_smoke)
 
     p = sub.add_parser("token", help="a development token for `serve`")
     p.add_argument("--role", choices=["admin", "service", "attendee"], default="service")

@@ -31,6 +31,7 @@ from core.settings import Settings
 from core.worker import Matchmaker, WorkerReport, run_worker
 
 Role = Literal["admin", "service", "attendee"]
+SYNC_POLL_S = 0.1
 ADMIN_SCOPE = "matchmaker/admin"
 SERVICE_SCOPE = "matchmaker/service"
 
@@ -324,17 +325,30 @@ def trigger(
 
 
 def _match_now(conn: Conn, settings: Settings, event: EventRecord, deadline: float) -> WorkerReport:
-    report = run_worker(
-        conn,
-        settings,
-        deadline=deadline,
-        event_id=event.id,
-        batch_size=settings.sync_match_max_attendees,
-        matchmaker=Matchmaker(settings),
-    )
-    if report.stopped != "drained":
-        raise MatchingTimeoutError("synchronous matching ran out of time; the rest stays queued")
-    return report
+    """Match the event before answering. Rows another worker is processing (the schedule)
+    or that wait out a retry are waited for: 'drained' for this worker is not enough."""
+    worker = Matchmaker(settings)
+    completed = 0
+    while True:
+        report = run_worker(
+            conn,
+            settings,
+            deadline=deadline,
+            event_id=event.id,
+            batch_size=settings.sync_match_max_attendees,
+            matchmaker=worker,
+        )
+        completed += report.completed
+        queue = repo.job_status(conn, event.id)["queue"]
+        live = ("pending_p0", "pending_p1", "pending_p2", "pending_p3", "running")
+        if not any(int(queue.get(key) or 0) for key in live):
+            report.completed = completed
+            return report
+        if time.monotonic() > deadline - SYNC_POLL_S:
+            raise MatchingTimeoutError(
+                "synchronous matching ran out of time; the rest stays queued"
+            )
+        time.sleep(SYNC_POLL_S)
 
 
 def start_matching(

@@ -77,6 +77,9 @@ def reject_early(event: APIGatewayProxyEventV2) -> Response[str] | None:
         return _error(401, "unauthorized", "missing or invalid authorization")
     if len((event.body or "").encode()) > MAX_BODY_BYTES:
         return _error(413, "too_large", f"request body is larger than {MAX_BODY_BYTES} bytes")
+    content_type = (event.headers or {}).get("content-type", "application/json").lower()
+    if event.body and not content_type.startswith("application/json"):
+        return _error(415, "unsupported_media_type", "send the body as application/json")
     return None
 
 

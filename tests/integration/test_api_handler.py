@@ -1026,6 +1026,7 @@ ERROR_CODES = {
     403: "forbidden",
     404: "not_found",
     413: "too_large",
+    415: "unsupported_media_type",
     422: "validation_error",
 }
 
@@ -1195,3 +1196,12 @@ def test_admin_settings_change_requeues_the_event_and_a_drain_applies_it(api, co
     assert again.status == 200
     assert queue_rows(conn, event.id) == []
     assert api.invocations == []
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_that_is_not_json_is_415_and_writes_nothing(api, conn, content_type):
+    """Given put_attendee.json with its body sent as another media type (what `curl -d`
+    does without a header), then 415 with the documented error shape, and no row."""
+    event = request("put_attendee")
+    event["headers"]["content-type"] = content_type
+    assert_rejected(api, conn, event, 415)
