@@ -410,11 +410,10 @@ def update_settings(
     return get_event(conn, principal, code)
 
 
-def set_paused(conn: Conn, principal: Principal, code: str, paused: bool) -> StatusOut | None:
+def set_paused(conn: Conn, principal: Principal, code: str, paused: bool) -> None:
     principal.require_admin()
     event = _event(conn, code)
     repo.set_job_paused(conn, event.id, paused)
-    return None
 
 
 def dead_letters(conn: Conn, principal: Principal, code: str) -> list[DeadLetterOut]:
