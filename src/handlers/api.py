@@ -19,6 +19,7 @@ from aws_lambda_powertools.event_handler.openapi.params import Path
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEventV2
 from aws_lambda_powertools.utilities.typing import LambdaContext
+from pydantic import BaseModel
 
 from core import aws, service
 from core.db import ConnectionCache, DatabaseUnavailableError
@@ -257,11 +258,72 @@ def redrive(code: Code) -> RedriveOut:
     return service.redrive(_conn(), _principal(), code, _invoke)
 
 
+class ErrorOut(BaseModel):
+    """Every error answer (the routes' `_error`)."""
+
+    error: str
+    message: str
+    details: list[dict[str, str]] | None = None
+
+
+# Routes that answer with Response objects: their real status codes and bodies.
+SUCCESS_RESPONSES: dict[tuple[str, str], dict[str, type[BaseModel] | None]] = {
+    ("post", "/events"): {"200": EventOut, "201": EventOut},
+    ("delete", "/events/{code}/attendees/{user_id}"): {"204": None},
+    ("post", "/events/{code}/attendees/{user_id}/dismissals"): {"204": None},
+    ("post", "/events/{code}/matchmaking"): {"200": EnqueueOut, "202": EnqueueOut},
+    ("post", "/admin/events/{code}/matching"): {"202": EnqueueOut},
+    ("post", "/admin/events/{code}/pause"): {"204": None},
+    ("post", "/admin/events/{code}/resume"): {"204": None},
+}
+ERROR_RESPONSES = {
+    "401": "no verified token",
+    "403": "the caller's role may not do this",
+    "404": "unknown event, attendee or route",
+    "409": "conflicts with the current state (other settings, a paused event)",
+    "413": "body over 256 KiB, or an event too large for synchronous matching",
+    "415": "the body is not application/json",
+    "422": "invalid input: malformed JSON, wrong types, unknown fields, bad path parameters",
+    "503": "the database is unavailable, or synchronous matching ran out of time",
+}
+
+
+def _json_content(model: type[BaseModel]) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+
+
 def openapi_document() -> dict[str, Any]:
-    """The committed docs/openapi.json is this document; a test fails when they differ."""
+    """The committed docs/openapi.json is this document; a test fails when they differ.
+
+    Powertools documents 200 and its own 422 shape; the API answers with the codes and the
+    error body below, and every route needs a bearer JWT, so the document says so."""
     document: dict[str, Any] = json.loads(
         app.get_openapi_json_schema(title="Matchmaker API", version=API_VERSION)
     )
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for model in (ErrorOut, EventOut, EnqueueOut):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, nested in schema.pop("$defs", {}).items():
+            schemas.setdefault(name, nested)
+        schemas[model.__name__] = schema
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    document["components"]["securitySchemes"] = {
+        "jwt": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+    }
+    document["security"] = [{"jwt": []}]
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            override = SUCCESS_RESPONSES.get((method, path))
+            if override is not None:
+                responses.pop("200", None)
+                for status, body in override.items():
+                    responses[status] = {"description": "success"}
+                    if body is not None:
+                        responses[status]["content"] = _json_content(body)
+            for status, description in ERROR_RESPONSES.items():
+                responses[status] = {"description": description, "content": _json_content(ErrorOut)}
     return document
 
 
