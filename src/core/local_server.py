@@ -260,6 +260,11 @@ class LocalStack:
                 self.end_headers()
                 self.wfile.write(data)
 
-            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _serve  # noqa: N815
+            def __getattr__(self, name: str) -> Any:
+                # Every method (GET ... and TRACE, QUERY, anything) goes to the API, which
+                # answers routes it does not have with its JSON 404, as API Gateway would.
+                if name.startswith("do_"):
+                    return self._serve
+                raise AttributeError(name)
 
         return Handler

@@ -277,6 +277,7 @@ SUCCESS_RESPONSES: dict[tuple[str, str], dict[str, type[BaseModel] | None]] = {
     ("post", "/admin/events/{code}/resume"): {"204": None},
 }
 ERROR_RESPONSES = {
+    "400": "well-formed but impossible (an attendee dismissing themselves)",
     "401": "no verified token",
     "403": "the caller's role may not do this",
     "404": "unknown event, attendee or route",
