@@ -7,13 +7,8 @@ rejected request writes nothing."""
 from __future__ import annotations
 
 import os
-import queue
 import shutil
-import subprocess
-import sys
 import tempfile
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +21,7 @@ from psycopg import sql
 from schemathesis.checks import positive_data_acceptance, unsupported_method
 
 from tests.conftest import database_uri
-from tests.e2e.test_serve import START_TIMEOUT_S, URL_LINE, Server, _drain, stop
+from tests.e2e.test_serve import Server, launch, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 schema = schemathesis.openapi.from_path(ROOT / "docs" / "openapi.json")
@@ -46,55 +41,22 @@ def fuzz_server(pg_server_uri: str, template_db: str) -> Iterator[tuple[Server, 
     """serve on a database of its own, so the test can see every row it writes."""
     name = f"mm_fuzz_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(pg_server_uri, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template_db)
+            )
+        )
     url = database_uri(pg_server_uri, name)
     workdir = Path(tempfile.mkdtemp(prefix="matchmaker-fuzz-"))
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "MATCHMAKER_PGDATA": str(workdir / "pgdata"),
-        "PYTHONUNBUFFERED": "1",
-    }
-    cmd = [sys.executable, "-m", "core.cli", "serve", "--port", "0", "--schedule-seconds", "1"]
-    with (workdir / "stderr.log").open("w") as stderr:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True
-        )
-    lines: queue.Queue[str | None] = queue.Queue()
-    output: list[str] = []
-    threading.Thread(target=_drain, args=(proc.stdout, lines, output), daemon=True).start()
-    found: dict[str, str] = {}
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while "service" not in found and time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            break
-        if line is None:
-            break
-        if match := URL_LINE.search(line):
-            found["url"] = match.group(1)
-        elif line.startswith("admin token:"):
-            found["admin"] = line.split(":", 1)[1].strip()
-        elif line.startswith("service token:"):
-            found["service"] = line.split(":", 1)[1].strip()
-    server = Server(
-        proc,
-        found.get("url", ""),
-        found.get("admin", ""),
-        found.get("service", ""),
-        env,
-        workdir,
-        output,
-    )
+    server = launch({**os.environ, "DATABASE_URL": url}, workdir)
     try:
-        if {"url", "admin", "service"} - found.keys():
-            pytest.fail(f"`matchmaker serve` did not start\n{server.diagnostics()}")
         yield server, url
     finally:
         stop(server)
         with psycopg.connect(pg_server_uri, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -138,16 +138,10 @@ def stop(server: Server) -> int:
         return -9
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    session_url = os.environ.get("DATABASE_URL")
-    database = None
-    if session_url:  # the session's server, but a database of our own (CREATEDB needed)
-        database = _fresh_database(session_url)
-        env["DATABASE_URL"] = database_uri(session_url, database)
-    workdir = Path(tempfile.mkdtemp(prefix="matchmaker-e2e-"))
-    env.update(MATCHMAKER_PGDATA=str(workdir / "pgdata"), PYTHONUNBUFFERED="1")
+def launch(env: dict[str, str], workdir: Path) -> Server:
+    """Start `matchmaker serve --port 0` with this environment; fail the test unless it
+    prints its URL and both tokens within START_TIMEOUT_S."""
+    env = {**env, "MATCHMAKER_PGDATA": str(workdir / "pgdata"), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "core.cli", "serve", "--port", "0", "--schedule-seconds", "1"]
     with (workdir / "stderr.log").open("w") as stderr:
         proc = subprocess.Popen(
@@ -180,11 +174,25 @@ def server() -> Iterator[Server]:
         workdir,
         output,
     )
+    if {"url", "admin", "service"} - found.keys():
+        stop(srv)
+        pytest.fail(
+            f"`matchmaker serve` did not come up in {START_TIMEOUT_S:.0f}s\n{srv.diagnostics()}"
+        )
+    return srv
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    session_url = os.environ.get("DATABASE_URL")
+    database = None
+    if session_url:  # the session's server, but a database of our own (CREATEDB needed)
+        database = _fresh_database(session_url)
+        env["DATABASE_URL"] = database_uri(session_url, database)
+    workdir = Path(tempfile.mkdtemp(prefix="matchmaker-e2e-"))
+    srv = launch(env, workdir)
     try:
-        if {"url", "admin", "service"} - found.keys():
-            pytest.fail(
-                f"`matchmaker serve` did not come up in {START_TIMEOUT_S:.0f}s\n{srv.diagnostics()}"
-            )
         yield srv
     finally:
         if stop(srv) == -9:
