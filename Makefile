@@ -36,7 +36,7 @@ test: lint typecheck sam-validate sam-build checkov
 	$(VENV)/bin/pytest -q
 
 bench: $(STAMP)
-	$(VENV)/bin/matchmaker bench --sizes $${SIZES:-1000,5000,10000} --json bench-results.json
+	$(VENV)/bin/matchmaker bench --sizes $${SIZES:-500,2000,10000,50000} --json bench-results.json
 
 # Regenerate the committed OpenAPI document (a test fails when it drifts from the code).
 openapi: $(STAMP)

@@ -11,13 +11,14 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import psycopg
 from pydantic import ValidationError
 
 from core import devauth
 from core import repository as repo
+from core.benchmark import BenchOptions, run_bench
 from core.db import DatabaseUnavailableError, connect, resolve_database_url
 from core.import_parser import ImportFormatError, format_validation_error
 from core.importer import import_file
@@ -29,8 +30,6 @@ from core.oracle import VerifyReport
 from core.repository import Conn, EventRecord
 from core.runner import (
     default_event,
-    delete_event,
-    delete_profiles_with_prefix,
     drain,
     import_and_match,
     open_database,
@@ -226,49 +225,18 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    rows: list[dict[str, Any]] = []
-    print(
-        f"{'attendees':>10} {'batch':>6} {'import s':>9} {'drain s':>8} {'users/s':>9} "
-        f"{'batches':>8} {'lists':>8} {'verify':>7}"
+    options = BenchOptions(
+        seed=args.seed,
+        batch_size=args.batch_size,
+        verify=not args.no_verify,
+        peer=not args.no_peer,
+        peer_max=args.peer_max,
     )
-    with open_database(settings) as conn:
-        for size in sizes:
-            prefix = f"bench{size}-"
-            event = default_event(f"bench-{size}")
-            recreate_event(conn, event)  # first: deleting the event is the cheap cascade
-            delete_profiles_with_prefix(conn, prefix)
-            profiles = generate_profiles(size, seed=args.seed, id_prefix=prefix)
-            run = import_and_match(
-                conn,
-                Matchmaker(settings),
-                event,
-                profiles,
-                batch_size=args.batch_size,
-                show_progress=False,
-            )
-            verified = verify(conn, run.event, settings).ok if args.verify else None
-            row = {
-                "attendees": size,
-                "batch_size": args.batch_size or settings.batch_size,
-                "import_s": round(run.import_s, 3),
-                "drain_s": round(run.match_s, 3),
-                "users_per_s": round(size / run.match_s, 1),
-                "batches": run.report.batches,
-                "lists_written": run.report.lists_written,
-                "verified": verified,
-            }
-            rows.append(row)
-            print(
-                f"{size:>10} {row['batch_size']:>6} {row['import_s']:>9.2f} "
-                f"{row['drain_s']:>8.2f} {row['users_per_s']:>9.0f} {row['batches']:>8} "
-                f"{row['lists_written']:>8} {verified!s:>7}",
-                flush=True,
-            )
-            delete_event(conn, event.code)
-            delete_profiles_with_prefix(conn, prefix)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-    return EXIT_OK if all(r["verified"] in (True, None) for r in rows) else EXIT_PROBLEM
+    with open_database(settings):
+        pass  # migrated; each size runs in its own process with its own connection
+    url = resolve_database_url(settings)
+    results = run_bench(url, settings, sizes, options, Path(args.json) if args.json else None)
+    return EXIT_OK if all(r.verified in (True, None) for r in results) else EXIT_PROBLEM
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -373,11 +341,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=3, help="lists to print")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="from-scratch drain time for several event sizes")
-    p.add_argument("--sizes", default="1000,5000,10000")
+    p = sub.add_parser(
+        "bench", help="drain time vs the compute limit and a pgvector peer, per event size"
+    )
+    p.add_argument("--sizes", default="500,2000,10000,50000")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--verify", action="store_true", help="also run the oracle (slower)")
+    p.add_argument("--no-verify", action="store_true", help="skip the oracle check")
+    p.add_argument("--no-peer", action="store_true", help="skip the pgvector peer")
+    p.add_argument(
+        "--peer-max",
+        type=int,
+        default=2_000,
+        help="above this size the peer runs on a sample of users and is extrapolated",
+    )
     p.add_argument("--json", help="write the figures to this JSON file")
     p.set_defaults(func=cmd_bench)
 

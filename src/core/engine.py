@@ -31,6 +31,7 @@ from core.scoring import (
     FloatMatrix,
     IndexMatrix,
     block_dim,
+    combine,
     merge_top_k,
     pair_scores,
     top_k,
@@ -39,6 +40,9 @@ from core.scoring import (
 NO_COMPANY = -1
 # Score against every row (a slice) once this share of rows is matchable.
 DENSE_FRACTION = 0.6
+# Scores held at once while processing a batch: 4M float64 = 32 MiB, plus the float32
+# products behind them. A batch of any size is scored in chunks of this many pairs.
+CHUNK_ELEMENTS = 1 << 22
 
 
 class VectorShapeError(ValueError):
@@ -52,6 +56,21 @@ class BatchChanges:
     lists: dict[int, list[ListEntry]] = field(default_factory=dict)
     matched_users: int = 0
     recomputed_neighbours: int = 0
+
+
+@dataclass
+class PreparedBatch:
+    """EventState.prepare's result: rows are EventState rows (append-only, so they stay
+    valid while the state lives), scores from the state as it was then."""
+
+    profile_ids: list[int]
+    claimed: set[int]
+    batch: npt.NDArray[np.int64]  # claimed rows that were matchable
+    batch_idx: IndexMatrix
+    batch_val: FloatMatrix
+    others: npt.NDArray[np.int64]  # the other matchable rows then
+    cand_idx: IndexMatrix  # per other row: its best k among the batch
+    cand_val: FloatMatrix
 
 
 class EventState:
@@ -80,26 +99,34 @@ class EventState:
         self.watermark: int | None = None
         self.lists_version = -1
         self.stale_rows: set[int] = set()  # stored lists to rewrite whatever happens
+        self.chunk_elements = CHUNK_ELEMENTS
 
     # --- loading -------------------------------------------------------------------------
 
-    def refresh(self, conn: Conn) -> None:
-        """Bring the state up to date; call with the event lock held."""
+    def refresh(self, conn: Conn) -> set[int]:
+        """Bring the state up to date; return the rows whose data may have changed.
+
+        Without the event lock this gives a snapshot to prepare a batch on; with it, the
+        state every list is written from (lists are reloaded when another worker wrote).
+        """
         # Read the watermark first: the queries below run on later snapshots, so every
         # transaction below this xmin is visible to them, and later ones are re-read next time.
         xmin = repo.snapshot_xmin(conn)
+        changed = set()
         for member in repo.member_rows(conn, self.event.id, self.embedder_key, self.watermark):
-            self._apply_member(member)
+            changed.add(self._apply_member(member))
         for a, b in repo.dismissal_pairs(conn, self.event.id, self.watermark or 0):
             ra, rb = self.row_of.get(a), self.row_of.get(b)
             if ra is not None and rb is not None:
                 self.dismissed.setdefault(ra, set()).add(rb)
                 self.dismissed.setdefault(rb, set()).add(ra)
+                changed.update((ra, rb))
         self.watermark = xmin
         version = repo.lists_version(conn, self.event.id)
         if version != self.lists_version:
             self._load_lists(repo.event_lists(conn, self.event.id))
             self.lists_version = version
+        return changed
 
     def _grow(self, needed: int) -> None:
         capacity = len(self.profile_ids)
@@ -134,7 +161,7 @@ class EventState:
             self._id_rank = None
         return row
 
-    def _apply_member(self, member: MemberRow) -> None:
+    def _apply_member(self, member: MemberRow) -> int:
         row = self._row_for(member.profile_id, member.user_id)
         if member.vector is not None:
             vector = np.frombuffer(member.vector, dtype="<i2")
@@ -154,6 +181,7 @@ class EventState:
         if not member.active:
             self.top_idx[row] = NO_MATCH
             self.top_val[row] = EXCLUDED
+        return row
 
     def _load_lists(self, entries: list[tuple[int, int, int, float]]) -> None:
         self.top_idx[:] = NO_MATCH
@@ -225,61 +253,169 @@ class EventState:
         positions, values = top_k(scores, self.id_rank[cols], self.k)
         return np.where(positions >= 0, cols[np.maximum(positions, 0)], NO_MATCH), values
 
+    def _chunks(self, rows: npt.NDArray[np.int64], width: int) -> list[npt.NDArray[np.int64]]:
+        """Split rows so that one chunk's score block stays near CHUNK_ELEMENTS."""
+        step = max(1, self.chunk_elements // max(width, 1))
+        return [rows[i : i + step] for i in range(0, rows.size, step)]
+
+    def _full_lists(
+        self,
+        rows: npt.NDArray[np.int64],
+        cols: npt.NDArray[np.int64],
+        col_pos: npt.NDArray[np.int64],
+    ) -> tuple[IndexMatrix, FloatMatrix]:
+        """Top-k of `rows` against every column, chunk by chunk (bounded memory)."""
+        idx = np.full((rows.size, self.k), NO_MATCH, dtype=np.int64)
+        val = np.full((rows.size, self.k), EXCLUDED, dtype=np.float64)
+        start = 0
+        for chunk in self._chunks(rows, cols.size):
+            idx[start : start + chunk.size], val[start : start + chunk.size] = self._best(
+                self.masked_scores(chunk, cols, col_pos), cols
+            )
+            start += chunk.size
+        return idx, val
+
     def process(self, profile_ids: list[int]) -> BatchChanges:
         """Recompute the given users and propagate to everyone else (see module doc)."""
-        changes = BatchChanges()
-        n, k = self.n, self.k
-        claimed_rows = {self.row_of[p] for p in profile_ids if p in self.row_of}
-        batch = np.array(sorted(r for r in claimed_rows if self.matchable[r]), dtype=np.int64)
-        new_idx = self.top_idx[:n].copy()
-        new_val = self.top_val[:n].copy()
-        for row in claimed_rows - set(batch.tolist()):  # left, or no vector: empty list
-            new_idx[row], new_val[row] = NO_MATCH, EXCLUDED
+        return self.apply(self.prepare(profile_ids), changed=set())
 
-        if batch.size:
-            id_rank = self.id_rank
-            cols, col_pos = self._columns()
-            block = self.masked_scores(batch, cols, col_pos)
-            new_idx[batch], new_val[batch] = self._best(block, cols)
-            changes.matched_users = int(batch.size)
+    def prepare(self, profile_ids: list[int]) -> PreparedBatch:
+        """The heavy half of a batch, which needs no lock: the batch's own lists, and for
+        every other matchable row its best k among the batch (list-independent).
 
-            # Everyone else who is matchable, as positions among cols.
-            is_other = self.matchable[cols].copy()
-            is_other[col_pos[batch]] = False
-            other_pos = np.flatnonzero(is_other)
-            others = cols[other_pos]
-            old_idx, old_val = self.top_idx[others], self.top_val[others]
-            batch_pos = np.full(n, -1, dtype=np.int64)
-            batch_pos[batch] = np.arange(batch.size)
-            entry_pos = np.where(old_idx >= 0, batch_pos[np.maximum(old_idx, 0)], -1)
-            # Only rows where the batch can change something: one of the batch is on the
-            # list already, or a batch score reaches the k-th (ties included).
-            reaches = block[:, other_pos].max(axis=0) >= old_val[:, k - 1]
-            touched = np.flatnonzero((entry_pos >= 0).any(axis=1) | reaches)
-            if touched.size:
-                rows = others[touched]
-                theirs = block[:, other_pos[touched]].T  # (rows, batch): symmetric scores
-                old_idx, old_val = old_idx[touched], old_val[touched]
-                entry_pos = entry_pos[touched]
-                in_batch = entry_pos >= 0
-                rescored = np.take_along_axis(theirs, np.maximum(entry_pos, 0), axis=1)
-                needs_full = (in_batch & (rescored < old_val)).any(axis=1)
-
-                cand_pos, cand_val = top_k(theirs, id_rank[batch], k)
-                cand_idx = np.where(cand_pos >= 0, batch[np.maximum(cand_pos, 0)], NO_MATCH)
-                merged_idx, merged_val = merge_top_k(
-                    np.concatenate([np.where(in_batch, NO_MATCH, old_idx), cand_idx], axis=1),
-                    np.concatenate([np.where(in_batch, EXCLUDED, old_val), cand_val], axis=1),
+        The batch is scored chunk by chunk, so a batch of thousands (a from-scratch drain
+        or a full rematch) needs no more memory than CHUNK_ELEMENTS scores at a time.
+        """
+        k = self.k
+        claimed = {self.row_of[p] for p in profile_ids if p in self.row_of}
+        batch = np.array(sorted(r for r in claimed if self.matchable[r]), dtype=np.int64)
+        prepared = PreparedBatch(
+            profile_ids=list(profile_ids),
+            claimed=claimed,
+            batch=batch,
+            batch_idx=np.full((batch.size, k), NO_MATCH, dtype=np.int64),
+            batch_val=np.full((batch.size, k), EXCLUDED, dtype=np.float64),
+            others=np.zeros(0, dtype=np.int64),
+            cand_idx=np.zeros((0, k), dtype=np.int64),
+            cand_val=np.zeros((0, k), dtype=np.float64),
+        )
+        if not batch.size:
+            return prepared
+        id_rank = self.id_rank
+        cols, col_pos = self._columns()
+        is_other = self.matchable[cols].copy()
+        is_other[col_pos[batch]] = False
+        other_pos = np.flatnonzero(is_other)
+        prepared.others = cols[other_pos]
+        cand_idx = np.full((other_pos.size, k), NO_MATCH, dtype=np.int64)
+        cand_val = np.full((other_pos.size, k), EXCLUDED, dtype=np.float64)
+        start = 0
+        for chunk in self._chunks(batch, cols.size):
+            block = self.masked_scores(chunk, cols, col_pos)
+            end = start + chunk.size
+            prepared.batch_idx[start:end], prepared.batch_val[start:end] = self._best(block, cols)
+            start = end
+            if not other_pos.size:
+                continue
+            theirs = block[:, other_pos]  # (chunk, others): symmetric scores
+            # Only rows whose k-th best so far this chunk can reach (ties too, by id).
+            reaches = np.flatnonzero(theirs.max(axis=0) >= cand_val[:, k - 1])
+            if reaches.size:
+                pos, values = top_k(theirs[:, reaches].T, id_rank[chunk], k)
+                found = np.where(pos >= 0, chunk[np.maximum(pos, 0)], NO_MATCH)
+                cand_idx[reaches], cand_val[reaches] = merge_top_k(
+                    np.concatenate([cand_idx[reaches], found], axis=1),
+                    np.concatenate([cand_val[reaches], values], axis=1),
                     id_rank,
                     k,
                 )
-                full_rows = rows[needs_full]
-                if full_rows.size:
-                    merged_idx[needs_full], merged_val[needs_full] = self._best(
-                        self.masked_scores(full_rows, cols, col_pos), cols
-                    )
-                    changes.recomputed_neighbours = int(full_rows.size)
+        prepared.cand_idx, prepared.cand_val = cand_idx, cand_val
+        return prepared
+
+    def apply(self, prepared: PreparedBatch, changed: set[int]) -> BatchChanges:
+        """The light half, under the event lock: make the prepared batch exact against
+        whatever changed since it was prepared (`changed`: rows refresh() reported), merge
+        it into everyone else's current list, and return the lists that differ."""
+        if changed & prepared.claimed:
+            # A claimed user changed again (or was dismissed) meanwhile: their prepared
+            # scores are stale for everyone, so prepare again on the current state.
+            prepared, changed = self.prepare(prepared.profile_ids), set()
+        changes = BatchChanges()
+        n, k = self.n, self.k
+        new_idx = self.top_idx[:n].copy()
+        new_val = self.top_val[:n].copy()
+        batch = prepared.batch[self.matchable[prepared.batch]]
+        for row in prepared.claimed - set(batch.tolist()):  # left, or no vector: empty list
+            new_idx[row], new_val[row] = NO_MATCH, EXCLUDED
+
+        if batch.size:
+            changes.matched_users = int(batch.size)
+            keep = self.matchable[prepared.batch]
+            batch_idx, batch_val = prepared.batch_idx[keep], prepared.batch_val[keep]
+            cols, col_pos = self._columns()
+            in_batch = np.zeros(n, dtype=bool)
+            in_batch[batch] = True
+            recomputed = 0
+
+            # 1. The batch's own lists, against rows that changed since they were prepared.
+            moved = np.array(sorted(r for r in changed if not in_batch[r]), dtype=np.int64)
+            if moved.size:
+                fresh = moved[self.matchable[moved]]
+                cand = self._candidates(batch, fresh)
+                is_moved = np.zeros(n, dtype=bool)
+                is_moved[moved] = True
+                batch_idx, batch_val, full = self._merge(
+                    batch, batch_idx, batch_val, is_moved, cand
+                )
+                # A new dismissal between a batch user and a changed row: recompute.
+                full |= np.array(
+                    [bool(self.dismissed.get(r, set()) & changed) for r in batch.tolist()],
+                    dtype=bool,
+                )
+                if full.any():
+                    batch_idx[full], batch_val[full] = self._full_lists(batch[full], cols, col_pos)
+                    recomputed += int(full.sum())
+            new_idx[batch], new_val[batch] = batch_idx, batch_val
+
+            # 2. Everyone else: merge the batch into their current lists.
+            others = np.flatnonzero(self.matchable[:n] & ~in_batch)
+            if others.size:
+                cand_idx = np.full((others.size, k), NO_MATCH, dtype=np.int64)
+                cand_val = np.full((others.size, k), EXCLUDED, dtype=np.float64)
+                slot = np.full(n, -1, dtype=np.int64)
+                slot[prepared.others] = np.arange(prepared.others.size)
+                prepared_slot = slot[others]
+                stale = np.zeros(n, dtype=bool)
+                stale[list(changed)] = True
+                usable = (prepared_slot >= 0) & ~stale[others]
+                cand_idx[usable] = prepared.cand_idx[prepared_slot[usable]]
+                cand_val[usable] = prepared.cand_val[prepared_slot[usable]]
+                redo = others[~usable]  # new, changed or newly matchable since prepared
+                if redo.size:
+                    cand_idx[~usable], cand_val[~usable] = self._candidates(redo, batch)
+                merged_idx, merged_val, full = self._merge(
+                    others,
+                    self.top_idx[others],
+                    self.top_val[others],
+                    in_batch,
+                    (cand_idx, cand_val),
+                )
+                touched = np.flatnonzero(
+                    (merged_idx != self.top_idx[others]).any(axis=1)
+                    | (merged_val != self.top_val[others]).any(axis=1)
+                    | full
+                )
+                rows = others[touched]
+                merged_idx, merged_val, full = (
+                    merged_idx[touched],
+                    merged_val[touched],
+                    full[touched],
+                )
+                if full.any():
+                    merged_idx[full], merged_val[full] = self._full_lists(rows[full], cols, col_pos)
+                    recomputed += int(full.sum())
                 new_idx[rows], new_val[rows] = merged_idx, merged_val
+            changes.recomputed_neighbours = recomputed
 
         differs = (new_idx != self.top_idx[:n]).any(axis=1) | (new_val != self.top_val[:n]).any(
             axis=1
@@ -292,6 +428,70 @@ class EventState:
             )
         self.top_idx[:n], self.top_val[:n] = new_idx, new_val
         return changes
+
+    def _candidates(
+        self, rows: npt.NDArray[np.int64], members: npt.NDArray[np.int64]
+    ) -> tuple[IndexMatrix, FloatMatrix]:
+        """Each row's best k among `members` (all matchable), from fresh scores."""
+        if not members.size:
+            shape = (rows.size, self.k)
+            return np.full(shape, NO_MATCH, dtype=np.int64), np.full(shape, EXCLUDED)
+        member_pos = np.full(self.n, -1, dtype=np.int64)
+        member_pos[members] = np.arange(members.size)
+        idx = np.full((rows.size, self.k), NO_MATCH, dtype=np.int64)
+        val = np.full((rows.size, self.k), EXCLUDED, dtype=np.float64)
+        start = 0
+        for chunk in self._chunks(rows, members.size):
+            end = start + chunk.size
+            idx[start:end], val[start:end] = self._best(
+                self.masked_scores(chunk, members, member_pos), members
+            )
+            start = end
+        return idx, val
+
+    def _merge(
+        self,
+        rows: npt.NDArray[np.int64],
+        idx: IndexMatrix,
+        val: FloatMatrix,
+        members: npt.NDArray[np.bool_],
+        candidates: tuple[IndexMatrix, FloatMatrix],
+    ) -> tuple[IndexMatrix, FloatMatrix, npt.NDArray[np.bool_]]:
+        """Lists of `rows` after the scores of `members` (a mask over rows) changed:
+        their old entries make way for each row's best k among them (cand_*). Where a
+        member on a list now scores lower or is excluded, someone outside old list +
+        members may belong: those rows are flagged for a full recompute."""
+        cand_idx, cand_val = candidates
+        on_list = (idx >= 0) & members[np.maximum(idx, 0)]
+        rescored = np.full(idx.shape, EXCLUDED)
+        hits, slots = np.nonzero(on_list)
+        rescored[hits, slots] = self.scores_of_pairs(rows[hits], idx[hits, slots])
+        full = np.any(on_list & (rescored < val), axis=1)
+        merged_idx, merged_val = merge_top_k(
+            np.concatenate([np.where(on_list, NO_MATCH, idx), cand_idx], axis=1),
+            np.concatenate([np.where(on_list, EXCLUDED, val), cand_val], axis=1),
+            self.id_rank,
+            self.k,
+        )
+        return merged_idx, merged_val, full
+
+    def scores_of_pairs(self, a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> FloatMatrix:
+        """score(a[i], b[i]) for each i, bit-identical to the matrix products (each dot
+        product is exact in float32, whatever the summation order), with exclusions."""
+        blocks = self.blocks
+        interests = np.einsum("ij,ij->i", blocks[0, a], blocks[0, b])
+        complement = np.einsum("ij,ij->i", blocks[1, a], blocks[2, b])
+        complement += np.einsum("ij,ij->i", blocks[2, a], blocks[1, b])
+        bio = np.einsum("ij,ij->i", blocks[3, a], blocks[3, b])
+        scores = combine(interests, complement, bio, self.coef)
+        excluded = ~self.matchable[a] | ~self.matchable[b] | (a == b)
+        if self.exclude_same_company:
+            excluded |= (self.company[a] == self.company[b]) & (self.company[a] != NO_COMPANY)
+        for i, (x, y) in enumerate(zip(a.tolist(), b.tolist(), strict=True)):
+            if y in self.dismissed.get(x, ()):
+                excluded[i] = True
+        scores[excluded] = EXCLUDED
+        return scores
 
     def _entries(self, row: int, idx: npt.NDArray[np.int64], val: FloatMatrix) -> list[ListEntry]:
         owner_tags = self.tags[row]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from core.text import phrase_key
 
@@ -27,10 +28,15 @@ class TagProfile:
     def from_lists(
         cls, interests: Sequence[str], seeking: Sequence[str], offering: Sequence[str]
     ) -> TagProfile:
-        def tags(items: Sequence[str]) -> tuple[Tag, ...]:
-            return tuple(Tag(item, frozenset(phrase_key(item))) for item in items)
+        return cls(
+            tuple(map(_tag, interests)), tuple(map(_tag, seeking)), tuple(map(_tag, offering))
+        )
 
-        return cls(tags(interests), tags(seeking), tags(offering))
+
+@lru_cache(maxsize=65_536)
+def _tag(item: str) -> Tag:
+    """Tags repeat across thousands of profiles: stem each distinct one once."""
+    return Tag(item, frozenset(phrase_key(item)))
 
 
 def _complements(seeking: tuple[Tag, ...], offering: tuple[Tag, ...]) -> list[tuple[str, str]]:

@@ -207,6 +207,12 @@ def both_attend(conn: Conn, event_id: int, user_id: str, other_id: str) -> bool:
     return bool(row and row[0] == 2)
 
 
+def event_size(conn: Conn, event_id: int) -> int:
+    """Active attendees of the event."""
+    row = conn.execute(query("event_size"), {"event_id": event_id}).fetchone()
+    return int(row[0]) if row else 0
+
+
 def enqueue_for_matching(
     conn: Conn,
     event_id: int,
@@ -399,20 +405,16 @@ def profile_from_row(row: dict[str, Any]) -> Profile:
 
 
 def store_vectors(conn: Conn, embedder: str, rows: Iterable[tuple[int, str, bytes, int]]) -> None:
-    """rows: (profile id, content hash, int16 vector bytes, dims)."""
-    params = [
-        {
-            "profile_id": pid,
-            "embedder": embedder,
-            "content_hash": content_hash,
-            "vector": vector,
-            "dims": dims,
-        }
-        for pid, content_hash, vector, dims in rows
-    ]
-    if params:
-        with conn.cursor() as cur:
-            cur.executemany(query("upsert_vector"), params)
+    """rows: (profile id, content hash, int16 vector bytes, dims). Call inside a transaction:
+    COPY into a staging table, then one upsert (thousands of vectors in three round trips)."""
+    rows = list(rows)
+    if not rows:
+        return
+    conn.execute(query("create_vector_staging"))
+    with conn.cursor() as cur, cur.copy(query("copy_vector_staging")) as copy:
+        for pid, content_hash, vector, dims in rows:
+            copy.write_row((pid, content_hash, dims, vector))
+    conn.execute(query("upsert_staged_vectors"), {"embedder": embedder})
 
 
 # --- engine state ------------------------------------------------------------------------

@@ -77,10 +77,15 @@ def combine(
     bio: npt.NDArray[np.floating],
     coef: Coefficients,
 ) -> FloatMatrix:
-    """The one place the blocks are weighted: a fixed float64 operation order."""
-    score = interests.astype(np.float64) * coef.interests
-    score += complement.astype(np.float64) * coef.complement
-    score += bio.astype(np.float64) * coef.bio
+    """The one place the blocks are weighted: a fixed float64 operation order.
+
+    Each product casts its float32 input to float64 inside the ufunc (the same values as
+    astype first, without the temporary copies)."""
+    score: FloatMatrix = np.multiply(interests, coef.interests, dtype=np.float64)
+    term: FloatMatrix = np.multiply(complement, coef.complement, dtype=np.float64)
+    score += term
+    np.multiply(bio, coef.bio, out=term, dtype=np.float64)
+    score += term
     return score
 
 

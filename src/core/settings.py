@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     max_runtime_ms: Annotated[int, Field(ge=1000, le=900_000)] = 45_000
     lease_seconds: Annotated[float, Field(gt=0, le=3600)] = 120.0
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 5
+    # A backlog (a full batch came back) is claimed in one bulk batch sized to take about
+    # BULK_BATCH_SECONDS: one matrix pass over thousands of users instead of hundreds of
+    # small batches. 0 turns bulk batches off.
+    bulk_batch_seconds: Annotated[float, Field(ge=0, le=600)] = 10.0
+    bulk_max_rows: Annotated[int, Field(ge=1, le=200_000)] = 25_000
     backoff_base_s: Annotated[float, Field(ge=0, le=3600)] = 2.0
     backoff_max_s: Annotated[float, Field(ge=0, le=86_400)] = 300.0
 

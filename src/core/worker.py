@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,7 +20,7 @@ import psycopg
 from core import repository as repo
 from core.embedder import LocalEmbedder, content_hash
 from core.embedding import Embedder, embedder_for_event, icebreaker_writer
-from core.engine import EventState
+from core.engine import EventState, PreparedBatch
 from core.icebreakers import IcebreakerWriter
 from core.observability import logger
 from core.openai_embedder import ProviderUnavailableError
@@ -29,6 +30,10 @@ from core.settings import Settings
 # Leave room after the last batch: never start one that may not finish by the deadline.
 MIN_HEADROOM_S = 0.5
 HEADROOM_FACTOR = 1.5
+# Placeholders of the cost model that sizes bulk batches; a bulk batch is only claimed
+# once a batch has been measured, and the first measurement replaces them.
+INITIAL_ROW_SECONDS = 1e-3
+INITIAL_PAIR_SECONDS = 1e-7
 
 
 EmbedderFactory = Callable[[EventRecord], Embedder]
@@ -53,6 +58,24 @@ class BatchResult:
 
 
 @dataclass
+class StartedBatch:
+    """A claimed batch between Matchmaker.start (no lock) and Matchmaker.finish (lock)."""
+
+    claimed: list[ClaimedRow]
+    t0: float
+    started_at: datetime
+    event: EventRecord | None = None
+    embedder: Embedder | None = None
+    ready: list[ClaimedRow] = field(default_factory=list)
+    failures: dict[int, str] = field(default_factory=dict)
+    state: EventState | None = None
+    prepared: PreparedBatch | None = None
+    embed_s: float = 0.0
+    match_s: float = 0.0
+    error: Exception | None = None
+
+
+@dataclass
 class WorkerReport:
     batches: int = 0
     claimed: int = 0
@@ -71,6 +94,32 @@ class WorkerReport:
         self.failed += batch.failed
         self.lists_written += batch.lists_written
         self.dead.extend(batch.dead)
+
+
+@dataclass
+class CostModel:
+    """How long a batch takes: rows * (row_seconds + event size * pair_seconds).
+
+    Measured on every batch (a moving average), so bulk batches are sized from what this
+    machine, this embedder and this database deliver. Small batches overstate the cost per
+    user (fixed costs spread over few users), which errs on the safe side.
+    """
+
+    row_seconds: float = INITIAL_ROW_SECONDS
+    pair_seconds: float = INITIAL_PAIR_SECONDS
+    samples: int = 0
+
+    def rows_within(self, seconds: float, event_size: int) -> int:
+        return int(seconds / (self.row_seconds + event_size * self.pair_seconds))
+
+    def observe(self, rows: int, event_size: int, embed_s: float, match_s: float) -> None:
+        if rows <= 0:
+            return
+        keep = 0.5 if self.samples else 0.0
+        self.row_seconds = keep * self.row_seconds + (1 - keep) * embed_s / rows
+        pairs = rows * max(event_size, 1)
+        self.pair_seconds = keep * self.pair_seconds + (1 - keep) * match_s / pairs
+        self.samples += 1
 
 
 def default_worker_id() -> str:
@@ -96,6 +145,7 @@ class Matchmaker:
         self.icebreakers: IcebreakerWriter | None = None
         self.worker_id = worker_id or default_worker_id()
         self.states: dict[int, EventState] = {}
+        self.cost = CostModel()
 
     def run(
         self,
@@ -124,19 +174,21 @@ class Matchmaker:
         report.dead.extend(newly_dead)
         if newly_dead and on_dead:
             on_dead(newly_dead)
-        slowest = 0.0
+        slowest = 0.0  # of regular batches; bulk batches are sized to the time left
+        size = batch_size or self.settings.batch_size
         while True:
             remaining = deadline - time.monotonic()
             if remaining < max(MIN_HEADROOM_S, HEADROOM_FACTOR * slowest):
                 report.stopped = "deadline"
                 break
-            claimed = repo.claim(
-                conn, batch_size or self.settings.batch_size, self.settings.lease_seconds, event_id
-            )
+            claimed = repo.claim(conn, size, self.settings.lease_seconds, event_id)
             if not claimed:
                 break
+            if len(claimed) == size:
+                claimed += self._claim_backlog(conn, claimed[0].event_id, size, remaining)
             batch = self.process_claimed(conn, claimed)
-            slowest = max(slowest, batch.duration_s)
+            if batch.claimed <= size:
+                slowest = max(slowest, batch.duration_s)
             report.add(batch)
             if batch.dead and on_dead:
                 on_dead(batch.dead)
@@ -145,80 +197,148 @@ class Matchmaker:
         report.elapsed_s = time.monotonic() - started
         return report
 
+    def _claim_backlog(
+        self, conn: Conn, event_id: int, claimed: int, remaining_s: float
+    ) -> list[ClaimedRow]:
+        """A full batch came back, so more is waiting: claim as much more of the same event
+        as fits in one bulk batch (BULK_BATCH_SECONDS, half the time left, a third of the
+        lease), so a from-scratch drain or a full rematch is a few matrix passes."""
+        budget = min(
+            self.settings.bulk_batch_seconds,
+            (remaining_s - MIN_HEADROOM_S) / 2,
+            self.settings.lease_seconds / 3,
+        )
+        if budget <= 0 or not self.cost.samples:
+            return []  # no measurement yet: this batch is the one that calibrates
+        state = self.states.get(event_id)
+        event_size = state.n if state is not None else repo.event_size(conn, event_id)
+        rows = min(self.cost.rows_within(budget, event_size), self.settings.bulk_max_rows)
+        if rows <= claimed:
+            return []
+        return repo.claim(conn, rows - claimed, self.settings.lease_seconds, event_id)
+
     def process_claimed(self, conn: Conn, claimed: list[ClaimedRow]) -> BatchResult:
-        """Embed and match one claimed batch (all rows of one event, one lease token).
+        """Embed and match one claimed batch (all rows of one event).
 
         A user whose embedding fails is failed alone (backoff, then dead); the rest of the
         batch completes. If matching itself fails, every row of the batch is failed.
         """
-        t0 = time.monotonic()
-        started_at = datetime.now(UTC)
-        event_id, token = claimed[0].event_id, claimed[0].lease_token
-        failures: dict[int, str] = {}
-        event = repo.fetch_event_by_id(conn, event_id)
+        return self.finish(conn, self.start(conn, claimed))
+
+    def start(self, conn: Conn, claimed: list[ClaimedRow]) -> StartedBatch:
+        """The part without the event lock, which parallel workers do at the same time:
+        embed the claimed users and score them against this worker's snapshot."""
+        started = StartedBatch(claimed, time.monotonic(), datetime.now(UTC))
+        event_id = claimed[0].event_id
         try:
+            started.event = event = repo.fetch_event_by_id(conn, event_id)
             if event is None:
                 raise LookupError(f"event {event_id} no longer exists")
-            embedder = self.embedder_for(event)
-            ready = self._embed(conn, embedder, claimed, failures)
-            with conn.transaction():
-                repo.lock_event(conn, event_id)
-                if repo.swap_embedder_key(conn, event_id, embedder.key):
-                    # Vectors of the old embedder no longer count: re-embed everyone.
-                    repo.enqueue_for_matching(
-                        conn,
-                        event_id,
-                        user_ids=None,
-                        only_unmatched=False,
-                        priority=0,
-                        reason="embedder_changed",
-                    )
-                state = self._state(event, embedder.key, embedder.dim)
-                state.refresh(conn)
-                changes = state.process([row.profile_id for row in ready])
-                written = repo.write_lists(conn, event_id, changes.lists)
-                if written:
-                    state.lists_version = repo.bump_lists_version(conn, event_id)
-                completed = repo.complete(conn, [row.queue_id for row in ready], token)
-                outcomes, dead = self._settle(
-                    conn,
-                    claimed,
-                    failures,
-                    started_at,
-                    completed=completed,
-                    lists_written=written,
-                    error=next(iter(failures.values()), None),
-                )
+            started.embedder = embedder = self.embedder_for(event)
+            started.ready = self._embed(conn, embedder, claimed, started.failures)
+            started.embed_s = time.monotonic() - started.t0
+            t_prepare = time.monotonic()
+            started.state = state = self._state(event, embedder.key, embedder.dim)
+            state.refresh(conn)
+            started.prepared = state.prepare([row.profile_id for row in started.ready])
+            started.match_s = time.monotonic() - t_prepare
         except psycopg.OperationalError:
             # The connection is gone: nothing can be recorded now. The leases expire and
             # the next invocation recovers these rows (their attempts are already counted).
             self.states.pop(event_id, None)
             raise
         except Exception as exc:
-            # The in-memory state may hold changes that were rolled back: rebuild it.
-            self.states.pop(event_id, None)
-            error = _short_error(exc)
-            logger.exception("batch failed", extra={"event_id": event_id})
-            for row in claimed:
-                failures.setdefault(row.queue_id, error)
-            with conn.transaction():
-                outcomes, dead = self._settle(
-                    conn,
-                    claimed,
-                    failures,
-                    started_at,
-                    completed=0,
-                    lists_written=0,
-                    error=error,
-                    record_batch=event is not None,
+            started.error = exc
+        return started
+
+    def finish(self, conn: Conn, started: StartedBatch) -> BatchResult:
+        """Under the event lock: bring the prepared batch up to date with whatever changed
+        since it was scored, write the lists that differ, complete the rows."""
+        claimed, failures = started.claimed, started.failures
+        event_id = claimed[0].event_id
+        event, embedder, prepared = started.event, started.embedder, started.prepared
+        if started.error is None and event and embedder and prepared:
+            try:
+                t_apply = time.monotonic()
+                with conn.transaction():
+                    repo.lock_event(conn, event_id)
+                    if repo.swap_embedder_key(conn, event_id, embedder.key):
+                        # Vectors of the old embedder no longer count: re-embed everyone.
+                        repo.enqueue_for_matching(
+                            conn,
+                            event_id,
+                            user_ids=None,
+                            only_unmatched=False,
+                            priority=0,
+                            reason="embedder_changed",
+                        )
+                    state = self._state(event, embedder.key, embedder.dim)
+                    changed = state.refresh(conn)
+                    if state is not started.state:  # dropped or replaced meanwhile
+                        prepared, changed = state.prepare(prepared.profile_ids), set()
+                    changes = state.apply(prepared, changed)
+                    written = repo.write_lists(conn, event_id, changes.lists)
+                    if written:
+                        state.lists_version = repo.bump_lists_version(conn, event_id)
+                    completed = sum(
+                        repo.complete(conn, [row.queue_id for row in rows], token)
+                        for token, rows in by_lease(started.ready).items()
+                    )
+                    outcomes, dead = self._settle(
+                        conn,
+                        claimed,
+                        failures,
+                        started.started_at,
+                        completed=completed,
+                        lists_written=written,
+                        error=next(iter(failures.values()), None),
+                    )
+            except psycopg.OperationalError:
+                self.states.pop(event_id, None)
+                raise
+            except Exception as exc:
+                started.error = exc
+            else:
+                match_s = started.match_s + time.monotonic() - t_apply
+                self.cost.observe(len(claimed), state.n, started.embed_s, match_s)
+                if event.settings.icebreakers and changes.lists:
+                    self._write_icebreakers(conn, event_id, changes.lists)
+                return BatchResult(
+                    event_id,
+                    len(claimed),
+                    completed,
+                    len(outcomes),
+                    written,
+                    dead,
+                    time.monotonic() - started.t0,
                 )
-            return BatchResult(
-                event_id, len(claimed), 0, len(outcomes), 0, dead, time.monotonic() - t0, error
+
+        # The in-memory state may hold changes that were rolled back: rebuild it.
+        self.states.pop(event_id, None)
+        error = _short_error(started.error or RuntimeError("batch not prepared"))
+        logger.error("batch failed", exc_info=started.error, extra={"event_id": event_id})
+        for row in claimed:
+            failures.setdefault(row.queue_id, error)
+        with conn.transaction():
+            outcomes, dead = self._settle(
+                conn,
+                claimed,
+                failures,
+                started.started_at,
+                completed=0,
+                lists_written=0,
+                error=error,
+                record_batch=event is not None,
             )
-        if event.settings.icebreakers and changes.lists:
-            self._write_icebreakers(conn, event_id, changes.lists)
         return BatchResult(
-            event_id, len(claimed), completed, len(outcomes), written, dead, time.monotonic() - t0
+            event_id,
+            len(claimed),
+            0,
+            len(outcomes),
+            0,
+            dead,
+            time.monotonic() - started.t0,
+            error,
         )
 
     def _write_icebreakers(
@@ -245,7 +365,10 @@ class Matchmaker:
         record_batch: bool = True,
     ) -> tuple[list[QueueOutcome], list[QueueOutcome]]:
         """Fail the failed rows (backoff, or dead) and record the batch's figures."""
-        outcomes = repo.fail(conn, failures, claimed[0].lease_token, self.settings)
+        outcomes: list[QueueOutcome] = []
+        for token, rows in by_lease(claimed).items():
+            failed = {r.queue_id: failures[r.queue_id] for r in rows if r.queue_id in failures}
+            outcomes += repo.fail(conn, failed, token, self.settings)
         dead = [o for o in outcomes if o.status == "dead"]
         if record_batch:
             repo.finish_batch(
@@ -310,6 +433,14 @@ class Matchmaker:
             with conn.transaction():
                 repo.store_vectors(conn, embedder.key, vectors)
         return [row for row in claimed if row.queue_id not in failures]
+
+
+def by_lease(rows: list[ClaimedRow]) -> dict[uuid.UUID, list[ClaimedRow]]:
+    """Claimed rows grouped by lease token (a bulk batch is claimed in two steps)."""
+    groups: dict[uuid.UUID, list[ClaimedRow]] = {}
+    for row in rows:
+        groups.setdefault(row.lease_token, []).append(row)
+    return groups
 
 
 def run_worker(

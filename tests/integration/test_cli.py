@@ -315,17 +315,33 @@ def test_demo_matches_and_verifies_a_synthetic_event(db_url: str, tmp_path: Path
 
 def test_bench_writes_verified_figures(db_url: str, tmp_path: Path) -> None:
     """Given an empty database,
-    when `bench --sizes 100 --verify --json out.json` runs,
-    then it exits 0 and out.json holds one verified row for 100 attendees, and the
-    benchmark cleans its profiles up afterwards."""
-    result = cli(db_url, "bench", "--sizes", "100", "--verify", "--json", "out.json", cwd=tmp_path)
+    when `bench --sizes 60,120 --json out.json` runs,
+    then it exits 0, prints the table, and out.json holds one verified row per size with
+    the drain, the compute limit and their ratio, round trips, peak RSS, newcomer
+    latencies and the pgvector peer (which must find the lists we found); the benchmark
+    cleans its profiles and peer tables up afterwards."""
+    result = cli(db_url, "bench", "--sizes", "60,120", "--json", "out.json", cwd=tmp_path)
 
     assert result.returncode == 0, result.stdout + result.stderr
-    rows: list[dict[str, Any]] = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
-    assert len(rows) == 1
-    row = rows[0]
-    assert (row["attendees"], row["verified"]) == (100, True)
-    assert row["lists_written"] >= 100
-    assert row["drain_s"] > 0 and row["users_per_s"] > 0
+    assert "ours/limit" in result.stdout and "peer/ours" in result.stdout
+    payload = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
+    assert payload["machine"]["cpus"] >= 1
+    rows: list[dict[str, Any]] = payload["results"]
+    assert [(r["attendees"], r["verified"]) for r in rows] == [(60, True), (120, True)]
+    for row in rows:
+        assert row["lists_written"] >= row["attendees"]
+        assert row["drain_s"] > 0 and row["users_per_s"] > 0 and row["limit_s"] > 0
+        assert row["ours_over_limit"] > 0  # drain / limit, from unrounded times
+        assert row["round_trips"] > 0 and row["peak_rss_mib"] > 0
+        assert 0 < row["newcomer_p50_ms"] <= row["newcomer_p95_ms"]
+        if row["peer_note"]:  # an embedded PostgreSQL without pgvector
+            assert "pgvector unavailable" in row["peer_note"]
+            continue
+        assert row["peer_s"] > 0 and row["peer_round_trips"] > row["attendees"]
+        # The peer answers the same question: its exact scan finds (nearly) our lists;
+        # float32 in pgvector may order near-ties differently.
+        assert row["peer_agreement"] >= 0.95
+        assert 0 < row["hnsw_recall"] <= 1
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM profiles").fetchone() == (0,)
+        assert conn.execute("SELECT to_regclass('bench_peer')").fetchone() == (None,)

@@ -10,16 +10,18 @@ from __future__ import annotations
 import time
 import uuid
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core import engine
 from core import repository as repo
 from core.models import EventIn, EventSettings, Profile
 from core.oracle import verify_event
 from core.repository import Conn, EventRecord
-from core.worker import Matchmaker, default_embedder
+from core.worker import Matchmaker, StartedBatch, default_embedder
 from tests.helpers import add_attendees, lists_of
 
 USERS = 10
@@ -55,6 +57,10 @@ operation = st.one_of(
     st.tuples(st.just("leave"), user),
     st.tuples(st.just("dismiss"), user, user),
     st.tuples(st.just("drain"), st.integers(1, 3), st.integers(1, 4), st.integers(0, 1)),
+    # A worker scores a batch without the lock (start) and commits it later (finish),
+    # with anything else in between: another worker's batches, edits of its own users.
+    st.tuples(st.just("start"), st.integers(1, 4), st.integers(0, 1)),
+    st.tuples(st.just("finish"), st.integers(0, 1)),
 )
 
 
@@ -81,7 +87,12 @@ def rematch_everyone(conn: Conn, event: EventRecord) -> None:
 
 
 def apply(
-    conn: Conn, event: EventRecord, prefix: str, op: tuple[Any, ...], workers: list[Matchmaker]
+    conn: Conn,
+    event: EventRecord,
+    prefix: str,
+    op: tuple[Any, ...],
+    workers: list[Matchmaker],
+    started: list[tuple[Matchmaker, StartedBatch]],
 ) -> None:
     kind = op[0]
     if kind == "join":
@@ -109,6 +120,16 @@ def apply(
     elif kind == "dismiss":
         if op[1] != op[2]:
             repo.dismiss(conn, event.id, f"{prefix}{op[1]}", f"{prefix}{op[2]}")
+    elif kind == "start":
+        _, batch_size, worker = op
+        claimed = repo.claim(conn, batch_size, 60)
+        if claimed:
+            started.append((workers[worker], workers[worker].start(conn, claimed)))
+    elif kind == "finish":
+        mine = [item for item in started if item[0] is workers[op[1]]]
+        if mine:
+            started.remove(mine[0])
+            mine[0][0].finish(conn, mine[0][1])
     else:
         _, batches, batch_size, worker = op
         drain_batches(conn, workers[worker], batches, batch_size)
@@ -125,12 +146,26 @@ def apply(
     ops=st.lists(operation, min_size=1, max_size=20),
     k=st.integers(1, 3),
     exclude_same_company=st.booleans(),
+    chunk_elements=st.sampled_from([1, 7, 40, engine.CHUNK_ELEMENTS]),
 )
 def test_random_histories_end_exact_and_stable(
-    conn, settings, initial, ops, k, exclude_same_company
+    conn, settings, initial, ops, k, exclude_same_company, chunk_elements
 ):
     """An initial crowd is matched, then a random history happens; at the end every list
-    equals the oracle's, and re-matching everyone (warm or cold cache) rewrites nothing."""
+    equals the oracle's, and re-matching everyone (warm or cold cache) rewrites nothing.
+    Small chunk sizes make the engine score batches in many chunks (as it does at scale)."""
+    with mock.patch.object(engine, "CHUNK_ELEMENTS", chunk_elements):
+        check_random_history(conn, settings, initial, ops, k, exclude_same_company)
+
+
+def check_random_history(
+    conn: Conn,
+    settings: Any,
+    initial: list[dict[str, Any]],
+    ops: list[tuple[Any, ...]],
+    k: int,
+    exclude_same_company: bool,
+) -> None:
     prefix = f"p{uuid.uuid4().hex[:6]}-"
     event = repo.ensure_event(
         conn,
@@ -144,8 +179,11 @@ def test_random_histories_end_exact_and_stable(
         conn, event, [Profile(user_id=f"{prefix}{i}", **fields) for i, fields in enumerate(initial)]
     )
     full_drain(conn, workers[0])
+    started: list[tuple[Matchmaker, StartedBatch]] = []
     for op in ops:
-        apply(conn, event, prefix, op, workers)
+        apply(conn, event, prefix, op, workers, started)
+    for worker, batch in started:
+        worker.finish(conn, batch)
 
     full_drain(conn, workers[0])
     report = verify_event(conn, event, default_embedder(event).key)
@@ -158,3 +196,70 @@ def test_random_histories_end_exact_and_stable(
     rematch_everyone(conn, event)
     assert full_drain(conn, Matchmaker(settings)) == 0
     assert lists_of(conn, event.id) == before
+
+
+change = st.one_of(
+    st.tuples(st.just("join"), user, profile_fields),
+    st.tuples(st.just("edit"), user, profile_fields),
+    st.tuples(st.just("leave"), user),
+    st.tuples(st.just("dismiss"), user, user),
+)
+# One round: changes, worker A scores a batch without the lock, more changes that worker
+# B matches and commits, then A commits its batch on top of B's.
+parallel_round = st.tuples(
+    st.lists(change, min_size=1, max_size=4),
+    st.integers(1, 4),
+    st.lists(change, max_size=4),
+    st.integers(1, 3),
+)
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    initial=st.lists(profile_fields, min_size=3, max_size=USERS),
+    rounds=st.lists(parallel_round, min_size=1, max_size=4),
+    k=st.integers(1, 3),
+    exclude_same_company=st.booleans(),
+)
+def test_batches_scored_in_parallel_end_exact(
+    conn, settings, initial, rounds, k, exclude_same_company
+):
+    """Parallel workers score their batches on snapshots and commit in turn: whatever
+    another worker committed in between (joins, edits, leaves, dismissals), every list
+    ends equal to the oracle's and re-matching changes nothing."""
+    prefix = f"q{uuid.uuid4().hex[:6]}-"
+    event = repo.ensure_event(
+        conn,
+        EventIn(
+            code=f"par-{uuid.uuid4().hex[:8]}",
+            settings=EventSettings(k=k, exclude_same_company=exclude_same_company),
+        ),
+    )
+    first, second = Matchmaker(settings), Matchmaker(settings)
+    add_attendees(
+        conn, event, [Profile(user_id=f"{prefix}{i}", **fields) for i, fields in enumerate(initial)]
+    )
+    full_drain(conn, first)
+    for before, batch_size, between, batches in rounds:
+        for op in before:
+            apply(conn, event, prefix, op, [first, second], [])
+        claimed = repo.claim(conn, batch_size, 60)
+        started = first.start(conn, claimed) if claimed else None
+        for op in between:
+            apply(conn, event, prefix, op, [first, second], [])
+        drain_batches(conn, second, batches, 4)
+        if started:
+            assert first.finish(conn, started).error is None
+
+    full_drain(conn, first)
+    report = verify_event(conn, event, default_embedder(event).key)
+    assert report.ok, (report.mismatches, report.stale_vectors, report.missing_vectors)
+    before_lists = lists_of(conn, event.id)
+    rematch_everyone(conn, event)
+    assert full_drain(conn, Matchmaker(settings)) == 0
+    assert lists_of(conn, event.id) == before_lists

@@ -79,17 +79,17 @@ def test_a_failing_batch_fails_its_rows_and_the_next_run_recovers(conn, settings
     """Given matching itself raising once, the batch's rows are failed (not lost), the
     worker's cached state is dropped, and a later drain ends exact."""
     event = add_attendees(conn, "crash-1", generate_profiles(30, seed=6, id_prefix="c-"))
-    real_process = EventState.process
+    real_apply = EventState.apply
     calls = {"n": 0}
 
-    def flaky(self, profile_ids):
+    def flaky(self, prepared, changed):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("simulated bug")
-        return real_process(self, profile_ids)
+        return real_apply(self, prepared, changed)
 
-    monkeypatch.setattr(EventState, "process", flaky)
-    worker = Matchmaker(settings)
+    monkeypatch.setattr(EventState, "apply", flaky)
+    worker = Matchmaker(settings.model_copy(update={"bulk_batch_seconds": 0}))
     first = drain(conn, worker, batch_size=10)
     assert first.failed == 10
     assert calls["n"] >= 4  # the failed rows were retried (backoff 0 in tests)
@@ -143,11 +143,13 @@ def test_an_edit_during_processing_reruns_the_user(conn, settings, db_url):
 
 @pytest.mark.parametrize("exclude_same_company", [True, False])
 def test_lists_do_not_depend_on_batch_size_or_worker(conn, settings, exclude_same_company):
-    """The same crowd joined into four events, drained with batch sizes 1, 7, 50 and 300,
-    gives identical, exact lists: the bump rule loses nothing between batches."""
+    """The same crowd joined into five events, drained with fixed batch sizes 1, 7, 50 and
+    300 and with bulk batches, gives identical, exact lists: the bump rule loses nothing
+    between batches."""
     people = generate_profiles(150, seed=11, id_prefix=f"b{int(exclude_same_company)}-")
+    fixed = settings.model_copy(update={"bulk_batch_seconds": 0})
     events = []
-    for size in (1, 7, 50, 300):
+    for size in (1, 7, 50, 300, 0):
         event = repo.ensure_event(
             conn,
             EventIn(
@@ -156,10 +158,51 @@ def test_lists_do_not_depend_on_batch_size_or_worker(conn, settings, exclude_sam
             ),
         )
         add_attendees(conn, event, people)
-        drain(conn, Matchmaker(settings), batch_size=size)
+        if size:
+            assert drain(conn, Matchmaker(fixed), batch_size=size).batches == -(-150 // size)
+        else:
+            assert drain(conn, Matchmaker(settings), batch_size=1).batches <= 4
         events.append(event)
     reference = lists_of(conn, events[0].id)
     assert len(reference) == 150
     for event in events:
         assert lists_of(conn, event.id) == reference
         assert_exact(conn, event)
+
+
+def test_a_backlog_is_claimed_in_bulk_and_a_failure_in_it_stays_with_its_user(conn, settings):
+    """Given 300 newcomers and batch size 20, the first batch calibrates the cost model and
+    the second full claim makes the worker claim the rest of the backlog too (a second
+    lease token) and match it in one pass; a user
+    the embedder rejects in that second claim is failed under its own token (attempts,
+    then dead) while the other 299 complete and the event is exact."""
+    event = add_attendees(conn, "bulk-1", generate_profiles(300, seed=12, id_prefix="bulk-"))
+    embedder = PoisonEmbedder({"bulk-000250"})
+    worker = Matchmaker(settings, embedder_for=lambda _event: embedder)
+    batches: list[int] = []
+
+    worker.run(
+        conn,
+        deadline=time.monotonic() + 120,
+        batch_size=20,
+        on_batch=lambda batch: batches.append(batch.claimed),
+    )
+
+    assert batches[:2] == [20, 280]
+    assert batches[2:] == [1] * (settings.max_attempts - 1)  # the poisoned user's retries
+    rows = queue_rows(conn, event.id)
+    assert [(r["user_id"], r["status"], r["attempts"]) for r in rows] == [
+        ("bulk-000250", "dead", settings.max_attempts)
+    ]
+    assert len([u for u, v in lists_of(conn, event.id).items() if len(v) == 3]) == 299
+    verdict = verify_event(conn, event, default_embedder(event).key)
+    assert (verdict.mismatches, verdict.missing_vectors) == ([], ["bulk-000250"])
+
+
+def test_bulk_batches_stay_within_their_time_budget(conn, settings):
+    """A bulk batch is sized from the measured cost: with a budget too small for more than
+    one regular batch, the worker keeps to batches of the regular size."""
+    add_attendees(conn, "bulk-2", generate_profiles(100, seed=13, id_prefix="bb-"))
+    worker = Matchmaker(settings.model_copy(update={"bulk_batch_seconds": 1e-6}))
+    report = drain(conn, worker, batch_size=20)
+    assert (report.batches, report.completed) == (5, 100)

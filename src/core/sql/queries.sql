@@ -87,9 +87,17 @@ SELECT p.id, p.user_id, p.name, p.company, p.title, p.bio, p.interests, p.seekin
   LEFT JOIN profile_vectors v ON v.profile_id = p.id AND v.embedder = %(embedder)s
  WHERE p.id = ANY(%(profile_ids)s)
 
--- name: upsert_vector
+-- name: create_vector_staging
+CREATE TEMP TABLE vector_staging (
+    profile_id bigint, content_hash text, dims integer, vector bytea
+) ON COMMIT DROP
+
+-- name: copy_vector_staging
+COPY vector_staging (profile_id, content_hash, dims, vector) FROM STDIN
+
+-- name: upsert_staged_vectors
 INSERT INTO profile_vectors AS v (profile_id, embedder, content_hash, dims, vector)
-VALUES (%(profile_id)s, %(embedder)s, %(content_hash)s, %(dims)s, %(vector)s)
+SELECT profile_id, %(embedder)s, content_hash, dims, vector FROM vector_staging
 ON CONFLICT (profile_id, embedder) DO UPDATE
    SET content_hash = EXCLUDED.content_hash, dims = EXCLUDED.dims, vector = EXCLUDED.vector,
        change_xid = pg_current_xact_id(), updated_at = now()
@@ -273,6 +281,9 @@ SELECT t.user_id, m.rank, m.score, m.reasons, i.text AS icebreaker
 -- name: active_attendee_count
 SELECT count(*) FROM attendees a JOIN profiles p ON p.id = a.profile_id
  WHERE a.event_id = %(event_id)s AND a.active AND p.user_id = ANY(%(user_ids)s)
+
+-- name: event_size
+SELECT count(*) FROM attendees WHERE event_id = %(event_id)s AND active
 
 -- name: enqueue_users
 SELECT mm_enqueue(%(event_id)s,
