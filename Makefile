@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench install clean openapi
+.PHONY: demo test lint typecheck unit bench reliability install clean openapi
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
@@ -34,6 +34,10 @@ unit: $(STAMP)
 # every run: a broken template fails the tests like broken code does.
 test: lint typecheck sam-validate sam-build checkov
 	$(VENV)/bin/pytest -q
+
+# The reliability suite alone (it is also part of `make test`), with its figures printed.
+reliability: $(STAMP)
+	$(VENV)/bin/pytest tests/reliability -m reliability -q -s -p no:cacheprovider
 
 bench: $(STAMP)
 	$(VENV)/bin/matchmaker bench --sizes $${SIZES:-500,2000,10000,50000} --json bench-results.json

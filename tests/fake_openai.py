@@ -13,10 +13,15 @@ same text always gets the same vector. Usage is counted per input (tiktoken's cl
 when it is installed, otherwise an approximation: one token per word of up to 6
 characters, one more per further 6 characters, one per punctuation mark).
 
-Every request is recorded (path, parsed body, headers) and counted. Faults are scripted:
+Every request is recorded (path, parsed body, headers, the fault it got) and counted.
+Faults are scripted:
 
 * ``fake.faults.append({...})``: a queue consumed one fault per request, in order;
-* ``fake.fail_all = {...}``: every request gets that fault until it is cleared (None).
+* ``fake.fail_all = {...}``: every request gets that fault until it is cleared (None);
+* ``fake.reject_inputs.add("marker")``: an embeddings request with an input containing a
+  rejected marker answers 400 (``rejected_status``), like a provider refusing one input
+  (content policy, context length) - always, whatever else the request holds. Scripted
+  faults come first; the rejection applies to requests that would otherwise succeed.
 
 A fault is a dict of ``status`` (an HTTP error with an OpenAI-style error body;
 ``retry_after`` sets the Retry-After header), ``delay`` (seconds to sleep before
@@ -107,6 +112,7 @@ class RecordedRequest:
     headers: dict[str, str]
     body: Any  # the parsed JSON body, or the raw text when it was not JSON
     at: float  # time.monotonic() when it arrived
+    fault: dict[str, Any] | None = None  # the scripted fault applied to it, if any
 
     @property
     def inputs(self) -> list[str]:
@@ -123,6 +129,8 @@ class FakeOpenAI:
 
     faults: collections.deque[dict[str, Any]] = field(default_factory=collections.deque)
     fail_all: dict[str, Any] | None = None
+    reject_inputs: set[str] = field(default_factory=set)
+    rejected_status: int = 400
     requests: list[RecordedRequest] = field(default_factory=list)
     calls: collections.Counter[str] = field(default_factory=collections.Counter)
     prompt_tokens: int = 0  # all endpoints
@@ -176,6 +184,7 @@ class FakeOpenAI:
         with self._lock:
             self.faults.clear()
             self.fail_all = None
+            self.reject_inputs.clear()
             self.requests.clear()
             self.calls.clear()
             self.prompt_tokens = self.completion_tokens = 0
@@ -212,8 +221,21 @@ class FakeOpenAI:
                 self.requests.append(request)
             self.calls[request.path] += 1
             if self.faults:
-                return self.faults.popleft()
-            return dict(self.fail_all) if self.fail_all is not None else None
+                fault: dict[str, Any] | None = self.faults.popleft()
+            else:
+                fault = dict(self.fail_all) if self.fail_all is not None else None
+            request.fault = fault
+            return fault
+
+    def _rejected(self, inputs: list[Any]) -> str | None:
+        """The first rejected marker found in these embedding inputs, if any."""
+        with self._lock:
+            markers = sorted(self.reject_inputs)
+        for text in inputs:
+            for marker in markers:
+                if isinstance(text, str) and marker in text:
+                    return marker
+        return None
 
     def _count(self, path: str, prompt: int, completion: int = 0) -> None:
         with self._lock:
@@ -325,6 +347,12 @@ class _Handler(BaseHTTPRequestHandler):
             raise _ApiError(400, f"'input' must have at most {MAX_INPUTS} items")
         if not all(isinstance(text, str) and text for text in inputs):
             raise _ApiError(400, "'$.input' is invalid: every item must be a non-empty string")
+        marker = self.server.fake._rejected(inputs)
+        if marker is not None:
+            status = self.server.fake.rejected_status
+            raise _ApiError(
+                status, f"'$.input' rejected: it contains {marker!r}", _error_type(status)
+            )
         dimensions = body.get("dimensions", DEFAULT_DIMENSIONS.get(model, FALLBACK_DIMENSIONS))
         if not isinstance(dimensions, int) or not 1 <= dimensions <= MAX_DIMENSIONS:
             raise _ApiError(400, f"'dimensions' must be an integer in 1..{MAX_DIMENSIONS}")

@@ -52,11 +52,14 @@ def send_dead_letters(conn: Conn, queue_url: str, outcomes: list[QueueOutcome]) 
     return sent
 
 
-def invoke_matchmaker(function_name: str | None, event_code: str) -> bool:
-    """Start the matchmaker now instead of at the next scheduled tick. Best effort: the
+def invoke_matchmaker(
+    function_name: str | None, event_code: str | None, source: str = "trigger"
+) -> bool:
+    """Start a matchmaker run now instead of at the next scheduled tick. Best effort: the
     work is already queued, so a failed invoke only delays it by one tick."""
+    payload = {"source": source, "event_code": event_code}
     if local_invoke is not None:
-        local_invoke({"source": "trigger", "event_code": event_code})
+        local_invoke(payload)
         return True
     if not function_name:
         return False
@@ -64,10 +67,10 @@ def invoke_matchmaker(function_name: str | None, event_code: str) -> bool:
         lambda_client().invoke(
             FunctionName=function_name,
             InvocationType="Event",
-            Payload=json.dumps({"source": "trigger", "event_code": event_code}).encode(),
+            Payload=json.dumps(payload).encode(),
         )
     except (BotoCoreError, ClientError):
-        logger.exception("async invoke of the matchmaker failed", extra={"event": event_code})
+        logger.exception("async invoke of the matchmaker failed", extra=payload)
         return False
     return True
 

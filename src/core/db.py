@@ -94,6 +94,15 @@ def _url_from_secret(settings: Settings) -> str:
     )
 
 
+# A transaction rolled back by the server because of concurrent ones (deadlock,
+# serialization failure): nothing was written, and running it again is the cure.
+CONFLICT_ERRORS: tuple[type[psycopg.Error], ...] = (
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.TransactionRollback,
+)
+
+
 class ConnectionCache:
     """One connection reused across warm Lambda invocations, replaced when it breaks."""
 

@@ -43,6 +43,8 @@ DENSE_FRACTION = 0.6
 # Scores held at once while processing a batch: 4M float64 = 32 MiB, plus the float32
 # products behind them. A batch of any size is scored in chunks of this many pairs.
 CHUNK_ELEMENTS = 1 << 22
+# Refreshes remembered for batches prepared earlier; an older one is prepared again.
+CHANGE_LOG_LENGTH = 256
 
 
 class VectorShapeError(ValueError):
@@ -64,6 +66,7 @@ class PreparedBatch:
     valid while the state lives), scores from the state as it was then."""
 
     profile_ids: list[int]
+    refresh: int  # the state's refresh count when prepared
     claimed: set[int]
     batch: npt.NDArray[np.int64]  # claimed rows that were matchable
     batch_idx: IndexMatrix
@@ -100,6 +103,9 @@ class EventState:
         self.lists_version = -1
         self.stale_rows: set[int] = set()  # stored lists to rewrite whatever happens
         self.chunk_elements = CHUNK_ELEMENTS
+        # (refresh number, rows it reported): what changed since a batch was prepared
+        self.refreshes = 0
+        self.change_log: list[tuple[int, set[int]]] = []
 
     # --- loading -------------------------------------------------------------------------
 
@@ -122,6 +128,9 @@ class EventState:
                 self.dismissed.setdefault(rb, set()).add(ra)
                 changed.update((ra, rb))
         self.watermark = xmin
+        self.refreshes += 1
+        self.change_log.append((self.refreshes, changed))
+        del self.change_log[:-CHANGE_LOG_LENGTH]
         version = repo.lists_version(conn, self.event.id)
         if version != self.lists_version:
             self._load_lists(repo.event_lists(conn, self.event.id))
@@ -277,7 +286,15 @@ class EventState:
 
     def process(self, profile_ids: list[int]) -> BatchChanges:
         """Recompute the given users and propagate to everyone else (see module doc)."""
-        return self.apply(self.prepare(profile_ids), changed=set())
+        return self.apply(self.prepare(profile_ids))
+
+    def changed_since(self, refresh: int) -> set[int] | None:
+        """Rows reported by the refreshes after `refresh`; None if no longer known."""
+        if refresh < self.refreshes and (
+            not self.change_log or self.change_log[0][0] > refresh + 1
+        ):
+            return None
+        return {row for number, rows in self.change_log if number > refresh for row in rows}
 
     def prepare(self, profile_ids: list[int]) -> PreparedBatch:
         """The heavy half of a batch, which needs no lock: the batch's own lists, and for
@@ -291,6 +308,7 @@ class EventState:
         batch = np.array(sorted(r for r in claimed if self.matchable[r]), dtype=np.int64)
         prepared = PreparedBatch(
             profile_ids=list(profile_ids),
+            refresh=self.refreshes,
             claimed=claimed,
             batch=batch,
             batch_idx=np.full((batch.size, k), NO_MATCH, dtype=np.int64),
@@ -332,13 +350,15 @@ class EventState:
         prepared.cand_idx, prepared.cand_val = cand_idx, cand_val
         return prepared
 
-    def apply(self, prepared: PreparedBatch, changed: set[int]) -> BatchChanges:
-        """The light half, under the event lock: make the prepared batch exact against
-        whatever changed since it was prepared (`changed`: rows refresh() reported), merge
-        it into everyone else's current list, and return the lists that differ."""
-        if changed & prepared.claimed:
-            # A claimed user changed again (or was dismissed) meanwhile: their prepared
-            # scores are stale for everyone, so prepare again on the current state.
+    def apply(self, prepared: PreparedBatch) -> BatchChanges:
+        """The light half, under the event lock and after a refresh: make the prepared
+        batch exact against whatever changed since it was prepared (the rows the
+        refreshes since reported), merge it into everyone else's current list, and
+        return the lists that differ."""
+        changed = self.changed_since(prepared.refresh)
+        if changed is None or changed & prepared.claimed:
+            # A claimed user changed again (or was dismissed) meanwhile, or the changes
+            # are no longer known: prepare again on the current state.
             prepared, changed = self.prepare(prepared.profile_ids), set()
         changes = BatchChanges()
         n, k = self.n, self.k

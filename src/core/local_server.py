@@ -5,16 +5,29 @@ would send to the same handler, with the JWT authorizer's claims taken from a ve
 development token; the matchmaker handler runs every few seconds (the schedule) and at
 once when a trigger asks (the async invoke); SQS is moto's threaded server; PostgreSQL is
 the embedded one unless DATABASE_URL is set. Listens on 127.0.0.1 unless told otherwise.
+
+Requests are served concurrently the way Lambda scales the API: by containers. Each of
+MATCHMAKER_API_WORKERS worker processes (default 8) is one warm API container with its own
+database connection, handling one request at a time, exactly as in AWS. They are processes,
+not threads, because the handler's per-request state is process-wide (Powertools keeps the
+current event on the resolver class), so two threads in one process would see each other's
+callers. A bounded pool of HTTP threads reads requests and waits for the workers.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import signal
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -23,10 +36,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from core import aws, devauth
+from core.db import DatabaseUnavailableError, embedded_server_uri
 from core.observability import logger
 from core.settings import Settings, get_settings
 
 MAX_REQUEST_BYTES = 1024 * 1024  # API Gateway's own limit is higher; ours rejects > 256 KiB
+API_TIMEOUT_MS = 29_000  # the API function's timeout
+API_WORKERS_ENV = "MATCHMAKER_API_WORKERS"
+DEFAULT_API_WORKERS = 8
+MAX_API_WORKERS = 32
+HTTP_THREADS_PER_WORKER = 4  # threads reading requests and writing replies per worker
+SOCKET_TIMEOUT_S = 60.0  # a client that stalls mid-request frees its thread
+WORKER_START_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -89,6 +110,164 @@ def api_event(
     }
 
 
+def api_workers_from_env() -> int:
+    """MATCHMAKER_API_WORKERS: how many requests run at once (1 is the old serial server)."""
+    raw = os.environ.get(API_WORKERS_ENV, "").strip()
+    try:
+        workers = int(raw) if raw else DEFAULT_API_WORKERS
+    except ValueError:
+        raise ValueError(f"{API_WORKERS_ENV} must be a whole number, not {raw!r}") from None
+    if not 1 <= workers <= MAX_API_WORKERS:
+        raise ValueError(f"{API_WORKERS_ENV} must be between 1 and {MAX_API_WORKERS}")
+    return workers
+
+
+# --- inside an API worker process ----------------------------------------------------------
+
+_invoked: list[dict[str, Any]] = []  # async invokes of the matchmaker during this request
+
+
+def _api_worker_start(environment: dict[str, str]) -> None:
+    """Cold start of one API container: its environment, the handler and its connection."""
+    # Ctrl-C signals the whole process group; the parent stops the workers in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.update(environment)
+    get_settings.cache_clear()
+    import handlers.api  # noqa: PLC0415 - after the environment is set
+
+    aws.local_invoke = _invoked.append  # the parent wakes its scheduler
+    try:
+        handlers.api.connections.get(get_settings())
+    except DatabaseUnavailableError:
+        logger.warning("API worker started without a database connection; retrying per request")
+
+
+def _api_worker_ready() -> int:
+    return os.getpid()
+
+
+def _api_invoke(event: dict[str, Any], timeout_ms: int) -> tuple[dict[str, Any], bool]:
+    """One API Lambda invocation; also says whether it asked for a matchmaker run."""
+    import handlers.api  # noqa: PLC0415 - imported by _api_worker_start
+
+    _invoked.clear()
+    result: dict[str, Any] = handlers.api.lambda_handler(
+        event, FakeContext("matchmaker-ApiFunction", timeout_ms)
+    )
+    return result, bool(_invoked)
+
+
+class ApiWorkers:
+    """A fixed number of API worker processes (one request at a time each), replaced as a
+    whole if one of them dies, as Lambda replaces a crashed container."""
+
+    def __init__(self, workers: int, environment: dict[str, str]) -> None:
+        self.workers = workers
+        self.environment = environment
+        self._lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=self.workers,
+            # spawn: a fork of this process would copy the HTTP, moto and scheduler threads
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_api_worker_start,
+            initargs=(self.environment,),
+        )
+
+    def start(self) -> None:
+        """Starts every worker (one task each, submitted at once, spawns all of them) and
+        waits until they answer, so a first burst of requests meets warm containers."""
+        with self._lock:
+            self._pool = pool = self._new_pool()
+        ready = [pool.submit(_api_worker_ready) for _ in range(self.workers)]
+        for future in ready:
+            future.result(timeout=WORKER_START_TIMEOUT_S)
+
+    def invoke(self, event: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        with self._lock:
+            pool = self._pool
+        if pool is None:
+            raise BrokenProcessPool("the API workers are stopped")
+        try:
+            future = pool.submit(_api_invoke, event, API_TIMEOUT_MS)
+            try:
+                return future.result(timeout=API_TIMEOUT_MS / 1000 + 5)
+            except FutureTimeoutError:
+                future.cancel()  # still queued behind busy workers: it never runs
+                raise
+        except BrokenProcessPool:
+            with self._lock:
+                if self._pool is pool:  # the first to notice replaces the pool
+                    logger.error("an API worker died; starting new workers")
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    self._pool = self._new_pool()
+            raise
+
+    def stop(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --- HTTP ----------------------------------------------------------------------------------
+
+
+class PooledHTTPServer(HTTPServer):
+    """An HTTPServer whose requests run on a fixed pool of threads. (socketserver's
+    ThreadingMixIn starts a thread per connection, without bound.) While every thread is
+    busy, new connections wait in the listen backlog."""
+
+    request_queue_size = 128
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        threads: int,
+    ) -> None:
+        self._slots = threading.BoundedSemaphore(threads)
+        self._threads = ThreadPoolExecutor(threads, thread_name_prefix="matchmaker-http")
+        self._closing = threading.Event()
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        while not self._slots.acquire(timeout=0.5):
+            if self._closing.is_set():
+                self.shutdown_request(request)
+                return
+        try:
+            self._threads.submit(self._process, request, client_address)
+        except RuntimeError:  # the pool is shutting down
+            self._slots.release()
+            self.shutdown_request(request)
+
+    def _process(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):  # the client went away
+            logger.info("client %s disconnected before the reply", client_address)
+        else:
+            logger.exception("request from %s failed", client_address)
+
+    def shutdown(self) -> None:
+        self._closing.set()
+        super().shutdown()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._threads.shutdown(wait=True)
+
+
 class Scheduler:
     """Runs the matchmaker handler every `interval_s`, and at once when woken."""
 
@@ -128,6 +307,7 @@ class LocalStack:
         port: int = 8080,
         schedule_s: float = 5.0,
         secret_path: Path | None = None,
+        api_workers: int | None = None,
     ) -> None:
         self.settings = settings
         self.host = host
@@ -136,10 +316,11 @@ class LocalStack:
         self.secret = devauth.load_secret(
             secret_path or settings.pgdata.parent / "dev-token-secret"
         )
+        self.api_workers = api_workers or api_workers_from_env()
         self.moto: Any = None
-        self.http: HTTPServer | None = None
+        self.http: PooledHTTPServer | None = None
         self.scheduler: Scheduler | None = None
-        self._api_lock = threading.Lock()
+        self.api: ApiWorkers | None = None
 
     @property
     def url(self) -> str:
@@ -154,13 +335,19 @@ class LocalStack:
         from core.runner import open_database  # noqa: PLC0415 - after the environment is set
 
         get_settings.cache_clear()
-        open_database(get_settings()).close()  # migrate once, before serving
-        import handlers.api  # noqa: PLC0415
-        import handlers.matchmaker  # noqa: PLC0415
+        settings = get_settings()
+        open_database(settings).close()  # migrate once, before serving
+        import handlers.matchmaker  # noqa: F401, PLC0415 - fails the start, not the first run
 
         self.scheduler = Scheduler(self.schedule_s, self._run_matchmaker)
         aws.local_invoke = lambda _payload: self.scheduler.wake() if self.scheduler else None
-        self.http = HTTPServer((self.host, self.port), self._handler_class(handlers.api))
+        self.api = ApiWorkers(self.api_workers, self._worker_environment(settings))
+        self.http = PooledHTTPServer(  # bind first: a taken port fails before any worker starts
+            (self.host, self.port),
+            self._handler_class(self.api),
+            self.api_workers * HTTP_THREADS_PER_WORKER,
+        )
+        self.api.start()
         self.scheduler.thread.start()
         threading.Thread(
             target=self.http.serve_forever, name="matchmaker-http", daemon=True
@@ -169,12 +356,22 @@ class LocalStack:
     def stop(self) -> None:
         if self.http is not None:
             self.http.shutdown()
-            self.http.server_close()
+            self.http.server_close()  # waits for the requests in flight
+        if self.api is not None:
+            self.api.stop()
         if self.scheduler is not None:
             self.scheduler.stop()
         aws.local_invoke = None
         if self.moto is not None:
             self.moto.stop()
+
+    @staticmethod
+    def _worker_environment(settings: Settings) -> dict[str, str]:
+        """What the API workers need beyond this process's environment: the embedded
+        server's URL (this process owns that server; the workers only connect to it)."""
+        if settings.database_url is None and not settings.db_secret_arn:
+            return {"DATABASE_URL": embedded_server_uri(settings.pgdata)}
+        return {}
 
     def _start_sqs(self) -> None:
         try:
@@ -207,11 +404,12 @@ class LocalStack:
         if summary.get("completed") or summary.get("failed"):
             logger.info("matchmaker", extra=summary)
 
-    def _handler_class(self, api: Any) -> type[BaseHTTPRequestHandler]:
+    def _handler_class(self, api: ApiWorkers) -> type[BaseHTTPRequestHandler]:
         stack = self
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "matchmaker-local"
+            timeout = SOCKET_TIMEOUT_S
 
             def log_message(self, format: str, *args: Any) -> None:
                 logger.debug(format % args)
@@ -240,10 +438,17 @@ class LocalStack:
                     claims=claims,
                     source_ip=self.client_address[0],
                 )
-                with stack._api_lock:  # one database connection, one request at a time
-                    result = api.lambda_handler(
-                        event, FakeContext("matchmaker-ApiFunction", 29_000)
-                    )
+                try:
+                    result, invoked = api.invoke(event)
+                except FutureTimeoutError:  # API Gateway's answer when the function times out
+                    self._reply(503, {"message": "Service Unavailable"})
+                    return
+                except Exception:  # ... and when it fails or its container dies
+                    logger.exception("API invocation failed")
+                    self._reply(500, {"message": "Internal Server Error"})
+                    return
+                if invoked and stack.scheduler is not None:
+                    stack.scheduler.wake()
                 self._reply(
                     result.get("statusCode", 500),
                     result.get("body") or "",

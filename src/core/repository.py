@@ -324,6 +324,11 @@ def claim(
     return [ClaimedRow(*row) for row in rows]
 
 
+def lock_queue_rows(conn: Conn, queue_ids: Sequence[int]) -> None:
+    """Lock rows in the queue's lock order (call inside the transaction that settles them)."""
+    conn.execute(query("lock_queue_rows"), {"queue_ids": list(queue_ids)})
+
+
 def complete(conn: Conn, queue_ids: Sequence[int], lease_token: uuid.UUID) -> int:
     row = conn.execute(
         query("complete_rows"), {"queue_ids": list(queue_ids), "lease_token": lease_token}

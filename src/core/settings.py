@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     # small batches. 0 turns bulk batches off.
     bulk_batch_seconds: Annotated[float, Field(ge=0, le=600)] = 10.0
     bulk_max_rows: Annotated[int, Field(ge=1, le=200_000)] = 25_000
+    # Fan-out: a run that finds more than FANOUT_BACKLOG_PER_WORKER queued users per
+    # running worker starts more runs, up to MAX_PARALLEL_WORKERS in all (the template
+    # sets it to the reserved concurrency; each run holds one database connection).
+    max_parallel_workers: Annotated[int, Field(ge=1, le=1000)] = 1
+    fanout_backlog_per_worker: Annotated[int, Field(ge=1)] = 5_000
     backoff_base_s: Annotated[float, Field(ge=0, le=3600)] = 2.0
     backoff_max_s: Annotated[float, Field(ge=0, le=86_400)] = 300.0
 

@@ -7,6 +7,7 @@ and keeps each event's EventState between batches and invocations.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import time
 import uuid
@@ -18,10 +19,12 @@ import numpy as np
 import psycopg
 
 from core import repository as repo
+from core.db import CONFLICT_ERRORS
 from core.embedder import LocalEmbedder, content_hash
 from core.embedding import Embedder, embedder_for_event, icebreaker_writer
 from core.engine import EventState, PreparedBatch
 from core.icebreakers import IcebreakerWriter
+from core.models import Profile
 from core.observability import logger
 from core.openai_embedder import ProviderUnavailableError
 from core.repository import ClaimedRow, Conn, EventRecord, QueueOutcome
@@ -30,6 +33,8 @@ from core.settings import Settings
 # Leave room after the last batch: never start one that may not finish by the deadline.
 MIN_HEADROOM_S = 0.5
 HEADROOM_FACTOR = 1.5
+# A batch rolled back by a deadlock or serialization failure is retried this often.
+CONFLICT_RETRIES = 3
 # Placeholders of the cost model that sizes bulk batches; a bulk batch is only claimed
 # once a batch has been measured, and the first measurement replaces them.
 INITIAL_ROW_SECONDS = 1e-3
@@ -146,6 +151,7 @@ class Matchmaker:
         self.worker_id = worker_id or default_worker_id()
         self.states: dict[int, EventState] = {}
         self.cost = CostModel()
+        self.session: tuple[Conn, int] | None = None
 
     def run(
         self,
@@ -168,6 +174,13 @@ class Matchmaker:
         # Safe to skip the WAL flush wait: a worker transaction lost in a server crash
         # rolls back a whole batch, whose rows are still leased and get processed again.
         conn.execute("SET synchronous_commit = off")
+        # The cached states trust transaction ids seen on this server. A crash loses the
+        # asynchronous commits above and the server hands their ids out again, so a
+        # state built before may skip later changes: a new session starts from scratch.
+        session = (conn, conn.info.backend_pid)
+        if session != self.session:
+            self.states.clear()
+            self.session = session
         recovered = repo.recover_leases(conn, self.settings.max_attempts)
         report.recovered = len(recovered)
         newly_dead = [row for row in recovered if row.status == "dead"]
@@ -223,7 +236,26 @@ class Matchmaker:
         A user whose embedding fails is failed alone (backoff, then dead); the rest of the
         batch completes. If matching itself fails, every row of the batch is failed.
         """
-        return self.finish(conn, self.start(conn, claimed))
+        attempt = 1
+        while True:
+            try:
+                return self.finish(conn, self.start(conn, claimed))
+            except CONFLICT_ERRORS as exc:
+                # A deadlock or serialization failure rolled the batch back (and finish
+                # dropped the cached state): the rows are still ours, so run it again,
+                # and if conflicts persist, fail the rows (backoff) rather than strand
+                # them until their lease expires.
+                if conn.broken:
+                    raise
+                if attempt == CONFLICT_RETRIES:
+                    failed = StartedBatch(claimed, time.monotonic(), datetime.now(UTC), error=exc)
+                    return self.finish(conn, failed)
+                logger.warning(
+                    "batch rolled back by a conflict; retrying",
+                    extra={"event_id": claimed[0].event_id, "attempt": attempt, "error": str(exc)},
+                )
+                time.sleep(random.uniform(0, 0.05 * attempt))  # noqa: S311 -- jitter
+                attempt += 1
 
     def start(self, conn: Conn, claimed: list[ClaimedRow]) -> StartedBatch:
         """The part without the event lock, which parallel workers do at the same time:
@@ -238,9 +270,9 @@ class Matchmaker:
             started.ready = self._embed(conn, embedder, claimed, started.failures)
             started.embed_s = time.monotonic() - started.t0
             t_prepare = time.monotonic()
-            started.state = state = self._state(event, embedder.key, embedder.dim)
-            state.refresh(conn)
-            started.prepared = state.prepare([row.profile_id for row in started.ready])
+            ids = [row.profile_id for row in started.ready]
+            started.state = state = self._refreshed_state(conn, event, embedder, ids)
+            started.prepared = state.prepare(ids)
             started.match_s = time.monotonic() - t_prepare
         except psycopg.OperationalError:
             # The connection is gone: nothing can be recorded now. The leases expire and
@@ -272,11 +304,11 @@ class Matchmaker:
                             priority=0,
                             reason="embedder_changed",
                         )
-                    state = self._state(event, embedder.key, embedder.dim)
-                    changed = state.refresh(conn)
+                    state = self._refreshed_state(conn, event, embedder, prepared.profile_ids)
                     if state is not started.state:  # dropped or replaced meanwhile
-                        prepared, changed = state.prepare(prepared.profile_ids), set()
-                    changes = state.apply(prepared, changed)
+                        prepared = state.prepare(prepared.profile_ids)
+                    changes = state.apply(prepared)
+                    repo.lock_queue_rows(conn, [row.queue_id for row in claimed])
                     written = repo.write_lists(conn, event_id, changes.lists)
                     if written:
                         state.lists_version = repo.bump_lists_version(conn, event_id)
@@ -365,6 +397,7 @@ class Matchmaker:
         record_batch: bool = True,
     ) -> tuple[list[QueueOutcome], list[QueueOutcome]]:
         """Fail the failed rows (backoff, or dead) and record the batch's figures."""
+        repo.lock_queue_rows(conn, [row.queue_id for row in claimed])
         outcomes: list[QueueOutcome] = []
         for token, rows in by_lease(claimed).items():
             failed = {r.queue_id: failures[r.queue_id] for r in rows if r.queue_id in failures}
@@ -385,6 +418,21 @@ class Matchmaker:
             )
         return outcomes, dead
 
+    def _refreshed_state(
+        self, conn: Conn, event: EventRecord, embedder: Embedder, profile_ids: list[int]
+    ) -> EventState:
+        """The event's cached state, refreshed; rebuilt from scratch if it does not know a
+        claimed user (a cache that missed changes must not complete them unmatched)."""
+        state = self._state(event, embedder.key, embedder.dim)
+        state.refresh(conn)
+        if all(pid in state.row_of for pid in profile_ids):
+            return state
+        logger.warning("event cache missed members; reloading", extra={"event_id": event.id})
+        self.states.pop(event.id, None)
+        state = self._state(event, embedder.key, embedder.dim)
+        state.refresh(conn)
+        return state
+
     def _state(self, event: EventRecord, embedder_key: str, width: int) -> EventState:
         state = self.states.get(event.id)
         if (
@@ -395,6 +443,39 @@ class Matchmaker:
             state = EventState(event, embedder_key, width)
             self.states[event.id] = state
         return state
+
+    def _embed_halving(
+        self,
+        embedder: Embedder,
+        stale: list[tuple[int, Profile, str]],
+        vectors: list[tuple[int, str, bytes, int]],
+        errors: dict[int, str],
+    ) -> None:
+        """Embed (profile id, profile, content hash) triples into `vectors`; failures go to
+        `errors` by profile id. A request the provider rejects is split in halves until
+        the culprits are alone: one bad profile among thousands costs about 2*log2(n)
+        extra requests, not one per user. A provider that is down fails them all at once:
+        splitting would only multiply the requests."""
+        pending = [stale]
+        while pending:
+            part = pending.pop()
+            try:
+                embedded = embedder.embed([profile for _, profile, _ in part], self.deadline)
+            except ProviderUnavailableError as exc:
+                for pid, _, _ in [item for rest in [part, *pending] for item in rest]:
+                    errors[pid] = _short_error(exc)
+                return
+            except Exception as exc:
+                if len(part) == 1:
+                    errors[part[0][0]] = _short_error(exc)
+                else:
+                    middle = len(part) // 2
+                    pending += [part[middle:], part[:middle]]
+                continue
+            vectors.extend(
+                (pid, h, np.asarray(vec, dtype="<i2").tobytes(), embedder.dim)
+                for (pid, _, h), vec in zip(part, embedded, strict=True)
+            )
 
     def _embed(
         self, conn: Conn, embedder: Embedder, claimed: list[ClaimedRow], failures: dict[int, str]
@@ -408,28 +489,12 @@ class Matchmaker:
             current_hash = content_hash(profile)
             if current_hash != stored_hash:
                 stale.append((profile_id, profile, current_hash))
-        vectors: list[tuple[int, str, bytes, int]] = []
         if stale:
-            try:
-                embedded = embedder.embed([profile for _, profile, _ in stale], self.deadline)
-                vectors = [
-                    (pid, h, np.asarray(vec, dtype="<i2").tobytes(), embedder.dim)
-                    for (pid, _, h), vec in zip(stale, embedded, strict=True)
-                ]
-            except ProviderUnavailableError as exc:
-                # The provider is down: one by one would only multiply the requests.
-                for pid, _, _ in stale:
-                    failures[by_profile[pid].queue_id] = _short_error(exc)
-            except Exception:
-                # Find the culprit(s): embed one by one so the others still get matched.
-                for pid, profile, h in stale:
-                    try:
-                        vec = embedder.embed([profile], self.deadline)[0]
-                        vectors.append(
-                            (pid, h, np.asarray(vec, dtype="<i2").tobytes(), embedder.dim)
-                        )
-                    except Exception as exc:
-                        failures[by_profile[pid].queue_id] = _short_error(exc)
+            vectors: list[tuple[int, str, bytes, int]] = []
+            errors: dict[int, str] = {}
+            self._embed_halving(embedder, stale, vectors, errors)
+            for pid, error in errors.items():
+                failures[by_profile[pid].queue_id] = error
             with conn.transaction():
                 repo.store_vectors(conn, embedder.key, vectors)
         return [row for row in claimed if row.queue_id not in failures]

@@ -9,6 +9,9 @@ their own matches.
 # No "from __future__ import annotations": the resolver reads the annotations at runtime.
 
 import json
+import random
+import time
+from contextvars import ContextVar
 from typing import Annotated, Any
 
 import psycopg
@@ -22,7 +25,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel
 
 from core import aws, service
-from core.db import ConnectionCache, DatabaseUnavailableError
+from core.db import CONFLICT_ERRORS, ConnectionCache, DatabaseUnavailableError
 from core.models import EVENT_CODE_PATTERN, USER_ID_PATTERN, AttendeeMatches, EventIn
 from core.observability import logger, metrics, tracer
 from core.service import (
@@ -134,6 +137,19 @@ def _validation_error(exc: RequestValidationError) -> Response[str]:
     problems = [_problem(err) for err in exc.errors()]
     summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
     return _error(422, "validation_error", summary or "invalid request", problems)
+
+
+# Set when a request's transaction was rolled back by a conflict with a concurrent one
+# (deadlock, serialization failure): nothing was written, so the handler runs it again.
+_conflicted: ContextVar[bool] = ContextVar("conflicted", default=False)
+CONFLICT_RETRIES = 3
+
+
+@app.exception_handler(list(CONFLICT_ERRORS))
+def _conflict(exc: psycopg.Error) -> Response[str]:
+    logger.warning("request rolled back by a concurrent change", extra={"error": str(exc)})
+    _conflicted.set(True)
+    return _error(503, "conflict", "a concurrent change conflicted with this request; retry")
 
 
 @app.exception_handler(psycopg.OperationalError)
@@ -285,7 +301,10 @@ ERROR_RESPONSES = {
     "413": "body over 256 KiB, or an event too large for synchronous matching",
     "415": "the body is not application/json",
     "422": "invalid input: malformed JSON, wrong types, unknown fields, bad path parameters",
-    "503": "the database is unavailable, or synchronous matching ran out of time",
+    "503": (
+        "the database is unavailable, a concurrent change kept conflicting, or synchronous"
+        " matching ran out of time"
+    ),
 }
 
 
@@ -340,4 +359,10 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
             "body": rejected.body,
             "isBase64Encoded": False,
         }
-    return app.resolve(event, context)
+    for attempt in range(1, CONFLICT_RETRIES + 1):
+        _conflicted.set(False)
+        response = app.resolve(event, context)
+        if not _conflicted.get() or attempt == CONFLICT_RETRIES:
+            break
+        time.sleep(random.uniform(0, 0.05 * attempt))  # noqa: S311 -- jitter, not security
+    return response

@@ -16,7 +16,7 @@ from core import repository as repo
 from core.db import ConnectionCache
 from core.models import EventCode
 from core.observability import logger, metrics, tracer
-from core.repository import QueueOutcome
+from core.repository import Conn, QueueOutcome
 from core.service import monotonic_deadline
 from core.settings import get_settings
 from core.worker import Matchmaker, run_worker
@@ -29,7 +29,7 @@ class Invocation(BaseModel):
     """The scheduler's Input, or the payload of an async invoke from the API."""
 
     model_config = ConfigDict(extra="ignore")
-    source: Literal["schedule", "trigger", "admin"] = "schedule"
+    source: Literal["schedule", "trigger", "admin", "fan-out"] = "schedule"
     event_code: EventCode | None = None
 
 
@@ -38,6 +38,23 @@ def _matchmaker_for() -> Matchmaker:
     if _matchmaker is None:
         _matchmaker = Matchmaker(get_settings())
     return _matchmaker
+
+
+def fan_out(conn: Conn, function_name: str) -> int:
+    """Start more runs for a big backlog (a from-scratch import, a full rematch): each one
+    claims its own rows and scores them without the event lock, so they overlap on
+    embedding and the matrix products and queue only for the short commit. Bounded by
+    MAX_PARALLEL_WORKERS (the reserved concurrency, which also caps the database
+    connections workers hold); helpers never fan out themselves."""
+    settings = get_settings()
+    if settings.max_parallel_workers <= 1:
+        return 0
+    wanted = repo.live_queue_depth(conn) // settings.fanout_backlog_per_worker
+    helpers = min(settings.max_parallel_workers - 1, wanted)
+    started = sum(aws.invoke_matchmaker(function_name, None, "fan-out") for _ in range(helpers))
+    if started:
+        metrics.add_metric(name="FanOutRuns", unit=MetricUnit.Count, value=started)
+    return started
 
 
 @logger.inject_lambda_context(log_event=False)
@@ -56,6 +73,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
         if settings.dead_letter_queue_url:
             aws.send_dead_letters(conn, settings.dead_letter_queue_url, outcomes)
 
+    helpers = 0 if invocation.source == "fan-out" else fan_out(conn, context.function_name)
     try:
         report = run_worker(
             conn, settings, deadline=deadline, matchmaker=_matchmaker_for(), on_dead=dead_letters
@@ -76,6 +94,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
         )
     summary = {
         "source": invocation.source,
+        "fanned_out": helpers,
         "batches": report.batches,
         "completed": report.completed,
         "failed": report.failed,

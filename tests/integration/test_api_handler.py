@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 from psycopg.rows import dict_row
 
@@ -1205,3 +1206,34 @@ def test_a_body_that_is_not_json_is_415_and_writes_nothing(api, conn, content_ty
     event = request("put_attendee")
     event["headers"]["content-type"] = content_type
     assert_rejected(api, conn, event, 415)
+
+
+@pytest.mark.parametrize("conflicts", [1, 99])
+def test_a_request_rolled_back_by_a_deadlock_is_retried_then_503(api, conn, monkeypatch, conflicts):
+    """Given the join's transaction rolled back by a deadlock once, the handler runs the
+    request again and answers 200 joined; given conflicts that persist, 503 conflict
+    after three tries, and nothing is written."""
+    event = seed(conn)
+    real_join = repo.upsert_profiles_and_join
+    calls = {"n": 0}
+
+    def conflicting(*args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] <= conflicts:
+            raise psycopg.errors.DeadlockDetected("deadlock detected (simulated)")
+        real_join(*args, **kwargs)
+
+    monkeypatch.setattr(repo, "upsert_profiles_and_join", conflicting)
+    reply = api(request("put_attendee", user_id="newcomer-1"))
+
+    joined = conn.execute(
+        "SELECT count(*) FROM attendees a JOIN profiles p ON p.id = a.profile_id"
+        " WHERE a.event_id = %s AND p.user_id = 'newcomer-1'",
+        (event.id,),
+    ).fetchone()
+    if conflicts == 1:
+        assert (reply.status, reply.json["status"], joined) == (200, "joined", (1,))
+    else:
+        assert reply.is_error(503, "conflict"), reply
+        assert calls["n"] == 3
+        assert joined == (0,)

@@ -6,6 +6,7 @@ dead letter, fairness between events, the claim's query plans and concurrent cla
 
 from __future__ import annotations
 
+import random
 import re
 import threading
 import time
@@ -656,3 +657,58 @@ def test_an_edit_while_a_worker_commits_its_batch_neither_deadlocks_nor_is_lost(
     assert errors == []
     rows = queue_rows(conn, event.id)
     assert [(r["user_id"], r["status"]) for r in rows] == [("u", "pending")]
+
+
+def test_concurrent_enqueues_and_completions_never_deadlock(conn, db_url, settings):
+    """Four connections enqueue overlapping sets of users in random orders (as concurrent
+    triggers do) while a fifth claims, fails and completes batches: every call returns,
+    none is rolled back by a deadlock, and each user ends with at most one live row."""
+    event = add_attendees(conn, "lock-order", [profile(f"lo{i:02d}") for i in range(60)])
+    ids = [profile_id(conn, f"lo{i:02d}") for i in range(60)]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def enqueuer(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            with connect(db_url, settings, application_name=f"enqueuer-{seed}") as own:
+                while not stop.is_set():
+                    chosen = rng.sample(ids, rng.randint(2, 40))
+                    own.execute(
+                        "SELECT mm_enqueue(%s, %s, %s::smallint, 'test')",
+                        (event.id, chosen, rng.randint(0, 3)),
+                    )
+        except BaseException as exc:
+            errors.append(exc)
+
+    def completer() -> None:
+        try:
+            with connect(db_url, settings, application_name="completer") as own:
+                while not stop.is_set():
+                    claimed = repo.claim(own, 25, 60)
+                    if not claimed:
+                        continue
+                    token = claimed[0].lease_token
+                    half = len(claimed) // 2
+                    with own.transaction():  # as the worker settles a batch
+                        repo.lock_queue_rows(own, [r.queue_id for r in claimed])
+                        repo.fail(own, {r.queue_id: "x" for r in claimed[:half]}, token, settings)
+                        repo.complete(own, [r.queue_id for r in claimed[half:]], token)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=enqueuer, args=(i,)) for i in range(4)]
+    threads.append(threading.Thread(target=completer))
+    for t in threads:
+        t.start()
+    time.sleep(4)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    assert errors == []
+    live = conn.execute(
+        "SELECT profile_id, count(*) FROM matchmaking_queue WHERE event_id = %s"
+        " AND status IN ('pending', 'running') GROUP BY profile_id HAVING count(*) > 1",
+        (event.id,),
+    ).fetchall()
+    assert live == []

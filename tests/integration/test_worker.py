@@ -82,11 +82,11 @@ def test_a_failing_batch_fails_its_rows_and_the_next_run_recovers(conn, settings
     real_apply = EventState.apply
     calls = {"n": 0}
 
-    def flaky(self, prepared, changed):
+    def flaky(self, prepared):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("simulated bug")
-        return real_apply(self, prepared, changed)
+        return real_apply(self, prepared)
 
     monkeypatch.setattr(EventState, "apply", flaky)
     worker = Matchmaker(settings.model_copy(update={"bulk_batch_seconds": 0}))
@@ -206,3 +206,37 @@ def test_bulk_batches_stay_within_their_time_budget(conn, settings):
     worker = Matchmaker(settings.model_copy(update={"bulk_batch_seconds": 1e-6}))
     report = drain(conn, worker, batch_size=20)
     assert (report.batches, report.completed) == (5, 100)
+
+
+@pytest.mark.parametrize("conflicts", [1, 99])
+def test_a_deadlocked_batch_is_retried_then_failed_never_stranded(
+    conn, settings, monkeypatch, conflicts
+):
+    """Given the batch's transaction rolled back by a deadlock once, the worker runs the
+    batch again and everyone is matched with no attempt spent; given conflicts that
+    persist, the rows are failed with backoff (pending, error kept), never left running
+    until their lease expires."""
+    event = add_attendees(conn, f"deadlock-{conflicts}", generate_profiles(12, seed=9))
+    real_write = repo.write_lists
+    calls = {"n": 0}
+
+    def conflicting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= conflicts:
+            raise psycopg.errors.DeadlockDetected("deadlock detected (simulated)")
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(repo, "write_lists", conflicting)
+    worker = Matchmaker(settings)
+    claimed = repo.claim(conn, 20, 60)
+    batch = worker.process_claimed(conn, claimed)
+
+    rows = queue_rows(conn, event.id)
+    if conflicts == 1:
+        assert (batch.completed, batch.failed, rows) == (12, 0, [])
+        assert_exact(conn, event)
+    else:
+        assert calls["n"] == 3  # CONFLICT_RETRIES
+        assert (batch.completed, batch.failed) == (0, 12)
+        assert {(r["status"], r["attempts"]) for r in rows} == {("pending", 1)}
+        assert all("DeadlockDetected" in r["last_error"] for r in rows)

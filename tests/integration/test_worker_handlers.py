@@ -4,6 +4,9 @@ invoked with the events/ files, a real PostgreSQL and moto for SQS / Secrets Man
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -287,3 +290,56 @@ def test_the_committed_openapi_document_matches_the_code():
     `make openapi` when routes or models change."""
     committed = json.loads((EVENTS.parent / "docs" / "openapi.json").read_text())
     assert committed == openapi_document()
+
+
+HELPER_RUN = """
+import json, sys
+import handlers.matchmaker
+from tests.integration.test_worker_handlers import FakeContext
+print(json.dumps(handlers.matchmaker.lambda_handler(json.loads(sys.argv[1]), FakeContext())))
+"""
+
+
+def test_a_big_backlog_fans_out_to_parallel_runs_that_end_exact(conn, aws, db_url, monkeypatch):
+    """Given 2,000 newcomers, MAX_PARALLEL_WORKERS=3 and a backlog of 500 per worker, a
+    scheduled run starts two more runs by async invoke (here: real parallel processes on
+    the same database) and drains alongside them; helpers never fan out further, every
+    user is completed exactly once across the three runs, and every list is exact."""
+    monkeypatch.setenv("MAX_PARALLEL_WORKERS", "3")
+    monkeypatch.setenv("FANOUT_BACKLOG_PER_WORKER", "500")
+    monkeypatch.setenv("BULK_BATCH_SECONDS", "0")  # small batches: the runs interleave
+    core.settings.get_settings.cache_clear()
+    event = add_attendees(conn, "fan-out-1", generate_profiles(2000, seed=23, id_prefix="f-"))
+    helpers: list[subprocess.Popen[str]] = []
+
+    class FakeLambda:
+        def invoke(self, **call: Any) -> None:  # boto3's keyword names
+            assert (call["FunctionName"], call["InvocationType"]) == (
+                FakeContext.function_name,
+                "Event",
+            )
+            env = {**os.environ, "DATABASE_URL": db_url, "DB_SECRET_ARN": ""}
+            helpers.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", HELPER_RUN, call["Payload"].decode()],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
+
+    monkeypatch.setattr(core.aws, "lambda_client", FakeLambda)
+    summary = handlers.matchmaker.lambda_handler(
+        load_event("matchmaker/scheduled.json"), FakeContext()
+    )
+    outputs = [helper.communicate(timeout=120)[0] for helper in helpers]
+
+    assert summary["fanned_out"] == 2 and len(helpers) == 2
+    assert all(helper.returncode == 0 for helper in helpers)
+    runs = [summary] + [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+    assert [run["source"] for run in runs] == ["schedule", "fan-out", "fan-out"]
+    assert [run["fanned_out"] for run in runs[1:]] == [0, 0]
+    assert sum(run["completed"] for run in runs) == 2000
+    assert sum(run["completed"] > 0 for run in runs) >= 2  # they really shared the work
+    assert queue_rows(conn, event.id) == []
+    assert verify_event(conn, event, default_embedder(event).key).ok

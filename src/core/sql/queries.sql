@@ -72,6 +72,14 @@ SELECT queue_id, event_id, profile_id, status, attempts, last_error
 SELECT queue_id, event_id, profile_id, priority, reason, attempts, lease_token
   FROM mm_claim(%(batch_size)s, %(lease_seconds)s, %(event_id)s)
 
+-- name: lock_queue_rows
+-- The queue's one lock order (db/migrations/0007_lock_order.sql): a transaction that
+-- completes some rows and fails others locks them all in this order first.
+SELECT count(*) FROM (
+    SELECT 1 FROM matchmaking_queue q WHERE q.id = ANY (%(queue_ids)s)
+     ORDER BY q.event_id, q.profile_id, q.id FOR UPDATE
+) AS locked
+
 -- name: complete_rows
 SELECT mm_complete(%(queue_ids)s, %(lease_token)s)
 
