@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ from core import repository as repo
 from core.embedder import LocalEmbedder
 from core.importer import import_profiles
 from core.models import EventIn, EventSettings, Profile
+from core.oracle import verify_event
 from core.repository import Conn, EventRecord
 
 
@@ -57,3 +59,30 @@ class PoisonEmbedder(LocalEmbedder):
         if bad:
             raise ValueError(f"provider rejected the profile of {bad[0]}")
         return super().embed(profiles, deadline)
+
+
+def assert_completed_once_and_exact(
+    conn: Conn, event: EventRecord, embedder_key: str, n: int
+) -> None:
+    """Every attendee completed exactly once, in batches that committed whole, and every
+    list equals the oracle's."""
+    claimed, completed, failed = conn.execute(
+        "SELECT sum(claimed), sum(completed), sum(failed) FROM matchmaking_batches"
+        " WHERE event_id = %s",
+        (event.id,),
+    ).fetchone() or (None, None, None)
+    assert (claimed, completed, failed) == (n, n, 0)
+    report = verify_event(conn, event, embedder_key)
+    assert report.ok, (report.mismatches[:3], report.missing_vectors[:3])
+    assert report.checked == n
+
+
+def wait_until_leases_expire(conn: Conn, lease_s: float) -> None:
+    """Wait (bounded) until no queue row holds a live lease."""
+    deadline = time.monotonic() + lease_s + 10
+    while conn.execute(
+        "SELECT count(*) FROM matchmaking_queue"
+        " WHERE status = 'running' AND lease_expires_at >= now()"
+    ).fetchone() != (0,):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)

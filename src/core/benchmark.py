@@ -19,6 +19,7 @@ import json
 import multiprocessing
 import os
 import platform
+import queue
 import resource
 import sys
 import time
@@ -195,6 +196,7 @@ class StoredEvent:
     vectors: np.ndarray[Any, Any]
     coef: Coefficients
     k: int
+    lists: dict[int, list[int]]  # our lists as the drain left them: owner -> matched
 
 
 def run_peer(
@@ -252,10 +254,9 @@ def warm_up(conn: Conn, settings: Settings) -> None:
     event_in = EventIn(code="bench-warm-up", settings=EventSettings())
     recreate_event(conn, event_in)
     delete_profiles_with_prefix(conn, "benchwarm-")
-    import_profiles(conn, event_in, generate_profiles(200, seed=1, id_prefix="benchwarm-"))
+    event = import_profiles(conn, event_in, generate_profiles(200, seed=1, id_prefix="benchwarm-"))
     drain(conn, Matchmaker(settings), show_progress=False)
-    delete_event(conn, event_in.code)
-    delete_profiles_with_prefix(conn, "benchwarm-")
+    clean_up(conn, event, "benchwarm-")
 
 
 def run_size(db_url: str, settings: Settings, size: int, options: BenchOptions) -> SizeResult:
@@ -275,6 +276,8 @@ def run_size(db_url: str, settings: Settings, size: int, options: BenchOptions) 
     drain_trips = trips.count
     print(f"  {size}: drained in {drain_s():.2f}s", file=sys.stderr, flush=True)
 
+    # The limit and the peer get exactly the N stored vectors the drain produced.
+    stored = stored_event(conn, event)
     latencies = newcomer_latencies(conn, matchmaker, event, options, prefix)
     rss = peak_rss_mib()
 
@@ -286,7 +289,6 @@ def run_size(db_url: str, settings: Settings, size: int, options: BenchOptions) 
         verify_s = elapsed()
         print(f"  {size}: verified={verified} in {verify_s:.1f}s", file=sys.stderr, flush=True)
 
-    stored = stored_event(conn, event)
     codes = {name: c for c, name in enumerate(sorted(set(stored.company)))}
     company = np.array([codes[name] if name else -1 for name in stored.company])
     limit_s = compute_limit(stored.vectors, company, stored.coef, stored.k)
@@ -302,17 +304,27 @@ def run_size(db_url: str, settings: Settings, size: int, options: BenchOptions) 
         peak_rss_mib=round(rss, 1),
         newcomer_p50_ms=round(percentile(latencies, 50) * 1000, 1),
         newcomer_p95_ms=round(percentile(latencies, 95) * 1000, 1),
-        limit_s=round(limit_s, 3),
+        limit_s=round(limit_s, 5),
         ours_over_limit=round(drain_s() / limit_s, 2),
         verified=verified,
         verify_s=None if verify_s is None else round(verify_s, 2),
     )
     if options.peer:
         measure_peer(conn, result, event, stored, options)
-    delete_event(conn, event.code)
-    delete_profiles_with_prefix(conn, prefix)
+    clean_up(conn, event, prefix)
     conn.close()
     return result
+
+
+def clean_up(conn: Conn, event: EventRecord, prefix: str) -> None:
+    """Drop the benchmark's event and profiles. The event goes first (its lists with it);
+    a VACUUM then leaves user_matches small for the per-profile cascade of the delete,
+    which may take longer than the service's statement timeout at 50,000 profiles."""
+    delete_event(conn, event.code)
+    conn.execute("SET statement_timeout = 0")
+    conn.execute("VACUUM user_matches")
+    delete_profiles_with_prefix(conn, prefix)
+    conn.execute("RESET statement_timeout")
 
 
 def newcomer_latencies(
@@ -345,6 +357,10 @@ def stored_event(conn: Conn, event: EventRecord) -> StoredEvent:
         vectors=np.stack([np.frombuffer(m.vector or b"", dtype="<i2") for m in members]),
         coef=Coefficients.from_weights(event.settings.weights),
         k=event.settings.k,
+        lists={
+            owner: [matched for _, matched, _ in entries]
+            for owner, entries in group_lists(repo.event_lists(conn, event.id)).items()
+        },
     )
 
 
@@ -363,10 +379,7 @@ def measure_peer(
     else:
         sample = np.random.default_rng(options.seed).choice(n, PEER_SAMPLE, replace=False).tolist()
         result.peer_extrapolated = True
-    ours = {
-        owner: [matched for _, matched, _ in entries]
-        for owner, entries in group_lists(repo.event_lists(conn, event.id)).items()
-    }
+    ours = stored.lists
     peer_s, peer_trips, found = run_peer(conn, stored, sample)
     scale = n / len(sample)
     result.peer_s = round(peer_s * scale, 2)
@@ -411,10 +424,16 @@ def run_in_child(db_url: str, settings: Settings, size: int, options: BenchOptio
     results = context.Queue()
     child = context.Process(target=_child, args=(db_url, settings, size, options, results))
     child.start()
-    data = results.get()
+    while True:
+        try:
+            data = results.get(timeout=1)
+            break
+        except queue.Empty:
+            if not child.is_alive():
+                raise RuntimeError(
+                    f"benchmark of {size} attendees failed (exit {child.exitcode})"
+                ) from None
     child.join()
-    if child.exitcode != 0:
-        raise RuntimeError(f"benchmark of {size} attendees failed (exit {child.exitcode})")
     return SizeResult(**data)
 
 

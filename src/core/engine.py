@@ -118,9 +118,9 @@ class EventState:
         # Read the watermark first: the queries below run on later snapshots, so every
         # transaction below this xmin is visible to them, and later ones are re-read next time.
         xmin = repo.snapshot_xmin(conn)
-        changed = set()
-        for member in repo.member_rows(conn, self.event.id, self.embedder_key, self.watermark):
-            changed.add(self._apply_member(member))
+        changed = self._apply_members(
+            repo.member_rows(conn, self.event.id, self.embedder_key, self.watermark)
+        )
         for a, b in repo.dismissal_pairs(conn, self.event.id, self.watermark or 0):
             ra, rb = self.row_of.get(a), self.row_of.get(b)
             if ra is not None and rb is not None:
@@ -170,27 +170,38 @@ class EventState:
             self._id_rank = None
         return row
 
-    def _apply_member(self, member: MemberRow) -> int:
-        row = self._row_for(member.profile_id, member.user_id)
-        if member.vector is not None:
-            vector = np.frombuffer(member.vector, dtype="<i2")
-            if vector.size != self.width:
-                raise VectorShapeError(
-                    f"vector of {member.user_id} has {vector.size} dims, expected {self.width}"
-                )
-            self.blocks[:, row] = vector.reshape(4, -1)
-        self.matchable[row] = member.active and member.vector is not None
-        company = member.company.strip().casefold()
-        self.company[row] = (
-            self._company_codes.setdefault(company, len(self._company_codes))
-            if company
-            else NO_COMPANY
-        )
-        self.tags[row] = TagProfile.from_lists(member.interests, member.seeking, member.offering)
-        if not member.active:
-            self.top_idx[row] = NO_MATCH
-            self.top_val[row] = EXCLUDED
-        return row
+    def _apply_members(self, members: list[MemberRow]) -> set[int]:
+        """Take in changed members; vectors are copied into the blocks in one go."""
+        rows = []
+        vector_rows, vectors = [], []
+        for member in members:
+            row = self._row_for(member.profile_id, member.user_id)
+            rows.append(row)
+            if member.vector is not None:
+                if len(member.vector) != 2 * self.width:
+                    raise VectorShapeError(
+                        f"vector of {member.user_id} has {len(member.vector) // 2} dims,"
+                        f" expected {self.width}"
+                    )
+                vector_rows.append(row)
+                vectors.append(member.vector)
+            self.matchable[row] = member.active and member.vector is not None
+            company = member.company.strip().casefold()
+            self.company[row] = (
+                self._company_codes.setdefault(company, len(self._company_codes))
+                if company
+                else NO_COMPANY
+            )
+            self.tags[row] = TagProfile.from_lists(
+                member.interests, member.seeking, member.offering
+            )
+            if not member.active:
+                self.top_idx[row] = NO_MATCH
+                self.top_val[row] = EXCLUDED
+        if vectors:
+            stacked = np.frombuffer(b"".join(vectors), dtype="<i2").reshape(len(vectors), 4, -1)
+            self.blocks[:, vector_rows] = stacked.transpose(1, 0, 2)
+        return set(rows)
 
     def _load_lists(self, entries: list[tuple[int, int, int, float]]) -> None:
         self.top_idx[:] = NO_MATCH
@@ -205,6 +216,11 @@ class EventState:
                 # Longer than k (k was lowered) or naming a row we do not know: the
                 # stored list must be rewritten even if its first k entries stay.
                 self.stale_rows.add(row)
+
+    @property
+    def matchable_count(self) -> int:
+        """Rows a batch is scored against (active, with a vector)."""
+        return int(np.count_nonzero(self.matchable[: self.n]))
 
     @property
     def id_rank(self) -> npt.NDArray[np.int64]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from core.text import phrase_key
@@ -23,6 +23,12 @@ class TagProfile:
     interests: tuple[Tag, ...]
     seeking: tuple[Tag, ...]
     offering: tuple[Tag, ...]
+    # derived once: explain() runs for every entry of every list written
+    interest_keys: frozenset[frozenset[str]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        keys = frozenset(tag.key for tag in self.interests if tag.key)
+        object.__setattr__(self, "interest_keys", keys)
 
     @classmethod
     def from_lists(
@@ -54,8 +60,7 @@ def _complements(seeking: tuple[Tag, ...], offering: tuple[Tag, ...]) -> list[tu
 def explain(owner: TagProfile, other: TagProfile) -> list[str]:
     """Shared interests, then what each side seeks that the other offers."""
     reasons: list[str] = []
-    other_interests = {tag.key for tag in other.interests if tag.key}
-    shared = [tag.text for tag in owner.interests if tag.key and tag.key in other_interests]
+    shared = [tag.text for tag in owner.interests if tag.key in other.interest_keys]
     if shared:
         reasons.append("Shared interests: " + ", ".join(shared[:MAX_SHARED_SHOWN]))
     reasons.extend(

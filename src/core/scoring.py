@@ -104,23 +104,25 @@ def top_k(
     take = min(k, cols)
     if rows == 0 or take == 0:
         return out_idx, out_val
-    threshold = np.partition(scores, cols - take, axis=1)[:, cols - take]
-    candidates = scores >= threshold[:, None]
-    counts = candidates.sum(axis=1)
+    best = np.argpartition(scores, cols - take, axis=1)[:, cols - take :]
+    best_vals = np.take_along_axis(scores, best, axis=1)
+    threshold = best_vals.min(axis=1)
+    # More than `take` scores reach the threshold: a tie at the k-th place, resolved
+    # exactly below; otherwise the argpartition set is the answer.
+    counts = np.count_nonzero(scores >= threshold[:, None], axis=1)
 
     simple = np.flatnonzero(counts == take)
     if simple.size:
-        cand_cols = np.nonzero(candidates[simple])[1].reshape(simple.size, take)
-        cand_vals = np.take_along_axis(scores[simple], cand_cols, axis=1)
+        cand_cols, cand_vals = best[simple], best_vals[simple]
         order = np.lexsort((id_rank[cand_cols], -cand_vals), axis=-1)
         out_idx[simple, :take] = np.take_along_axis(cand_cols, order, axis=1)
         out_val[simple, :take] = np.take_along_axis(cand_vals, order, axis=1)
     for row in np.flatnonzero(counts != take):  # ties at the threshold: exact order
-        tied_cols = np.flatnonzero(candidates[row])
+        tied_cols = np.flatnonzero(scores[row] >= threshold[row])
         tied_vals = scores[row, tied_cols]
-        best = np.lexsort((id_rank[tied_cols], -tied_vals))[:take]
-        out_idx[row, :take] = tied_cols[best]
-        out_val[row, :take] = tied_vals[best]
+        first = np.lexsort((id_rank[tied_cols], -tied_vals))[:take]
+        out_idx[row, :take] = tied_cols[first]
+        out_val[row, :take] = tied_vals[first]
 
     excluded = out_val == EXCLUDED
     out_idx[excluded] = NO_MATCH

@@ -6,6 +6,7 @@ and keeps each event's EventState between batches and invocations.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
@@ -35,10 +36,11 @@ MIN_HEADROOM_S = 0.5
 HEADROOM_FACTOR = 1.5
 # A batch rolled back by a deadlock or serialization failure is retried this often.
 CONFLICT_RETRIES = 3
-# Placeholders of the cost model that sizes bulk batches; a bulk batch is only claimed
-# once a batch has been measured, and the first measurement replaces them.
+# Priors of the cost model that sizes bulk batches (a bulk batch is only claimed once a
+# batch has been measured): seconds per user, and per scored pair (numpy on one modern
+# core scores ~5e7 pairs/s including top-k; a bigger batch soon measures the real one).
 INITIAL_ROW_SECONDS = 1e-3
-INITIAL_PAIR_SECONDS = 1e-7
+INITIAL_PAIR_SECONDS = 5e-8
 
 
 EmbedderFactory = Callable[[EventRecord], Embedder]
@@ -103,28 +105,33 @@ class WorkerReport:
 
 @dataclass
 class CostModel:
-    """How long a batch takes: rows * (row_seconds + event size * pair_seconds).
+    """How long a batch of r users takes against m users already matchable:
+    r * row_seconds (embedding, writes) + r * (m + r) * pair_seconds (scoring).
 
     Measured on every batch (a moving average), so bulk batches are sized from what this
-    machine, this embedder and this database deliver. Small batches overstate the cost per
-    user (fixed costs spread over few users), which errs on the safe side.
+    machine, this embedder and this database deliver. The pair cost is only learnt from
+    batches big enough for the fixed costs of a batch not to dominate it.
     """
 
     row_seconds: float = INITIAL_ROW_SECONDS
     pair_seconds: float = INITIAL_PAIR_SECONDS
     samples: int = 0
+    MIN_PAIRS = 1_000_000
 
-    def rows_within(self, seconds: float, event_size: int) -> int:
-        return int(seconds / (self.row_seconds + event_size * self.pair_seconds))
+    def rows_within(self, seconds: float, matchable: int) -> int:
+        """The largest r whose estimate fits `seconds` (the positive root of the model)."""
+        a = self.pair_seconds
+        b = self.row_seconds + matchable * self.pair_seconds
+        return int((-b + math.sqrt(b * b + 4 * a * seconds)) / (2 * a))
 
-    def observe(self, rows: int, event_size: int, embed_s: float, match_s: float) -> None:
+    def observe(self, rows: int, pairs: int, embed_s: float, match_s: float) -> None:
         if rows <= 0:
             return
         keep = 0.5 if self.samples else 0.0
         self.row_seconds = keep * self.row_seconds + (1 - keep) * embed_s / rows
-        pairs = rows * max(event_size, 1)
-        self.pair_seconds = keep * self.pair_seconds + (1 - keep) * match_s / pairs
         self.samples += 1
+        if pairs >= self.MIN_PAIRS:
+            self.pair_seconds = 0.5 * self.pair_seconds + 0.5 * match_s / pairs
 
 
 def default_worker_id() -> str:
@@ -224,8 +231,8 @@ class Matchmaker:
         if budget <= 0 or not self.cost.samples:
             return []  # no measurement yet: this batch is the one that calibrates
         state = self.states.get(event_id)
-        event_size = state.n if state is not None else repo.event_size(conn, event_id)
-        rows = min(self.cost.rows_within(budget, event_size), self.settings.bulk_max_rows)
+        matchable = state.matchable_count if state is not None else repo.event_size(conn, event_id)
+        rows = min(self.cost.rows_within(budget, matchable), self.settings.bulk_max_rows)
         if rows <= claimed:
             return []
         return repo.claim(conn, rows - claimed, self.settings.lease_seconds, event_id)
@@ -332,7 +339,8 @@ class Matchmaker:
                 started.error = exc
             else:
                 match_s = started.match_s + time.monotonic() - t_apply
-                self.cost.observe(len(claimed), state.n, started.embed_s, match_s)
+                pairs = len(claimed) * state.matchable_count
+                self.cost.observe(len(claimed), pairs, started.embed_s, match_s)
                 if event.settings.icebreakers and changes.lists:
                     self._write_icebreakers(conn, event_id, changes.lists)
                 return BatchResult(

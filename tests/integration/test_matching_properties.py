@@ -78,6 +78,29 @@ def full_drain(conn: Conn, worker: Matchmaker) -> int:
     return report.lists_written
 
 
+def matched_crowd(
+    conn: Conn,
+    worker: Matchmaker,
+    initial: list[dict[str, Any]],
+    k: int,
+    exclude_same_company: bool,
+) -> tuple[EventRecord, str]:
+    """A new event with the initial crowd, fully matched; returns it and the id prefix."""
+    prefix = f"p{uuid.uuid4().hex[:6]}-"
+    event = repo.ensure_event(
+        conn,
+        EventIn(
+            code=f"prop-{uuid.uuid4().hex[:8]}",
+            settings=EventSettings(k=k, exclude_same_company=exclude_same_company),
+        ),
+    )
+    add_attendees(
+        conn, event, [Profile(user_id=f"{prefix}{i}", **fields) for i, fields in enumerate(initial)]
+    )
+    full_drain(conn, worker)
+    return event, prefix
+
+
 def rematch_everyone(conn: Conn, event: EventRecord) -> None:
     conn.execute(
         "SELECT mm_enqueue(%s, ARRAY(SELECT profile_id FROM attendees"
@@ -166,19 +189,8 @@ def check_random_history(
     k: int,
     exclude_same_company: bool,
 ) -> None:
-    prefix = f"p{uuid.uuid4().hex[:6]}-"
-    event = repo.ensure_event(
-        conn,
-        EventIn(
-            code=f"prop-{uuid.uuid4().hex[:8]}",
-            settings=EventSettings(k=k, exclude_same_company=exclude_same_company),
-        ),
-    )
     workers = [Matchmaker(settings), Matchmaker(settings)]
-    add_attendees(
-        conn, event, [Profile(user_id=f"{prefix}{i}", **fields) for i, fields in enumerate(initial)]
-    )
-    full_drain(conn, workers[0])
+    event, prefix = matched_crowd(conn, workers[0], initial, k, exclude_same_company)
     started: list[tuple[Matchmaker, StartedBatch]] = []
     for op in ops:
         apply(conn, event, prefix, op, workers, started)
@@ -232,19 +244,8 @@ def test_batches_scored_in_parallel_end_exact(
     """Parallel workers score their batches on snapshots and commit in turn: whatever
     another worker committed in between (joins, edits, leaves, dismissals), every list
     ends equal to the oracle's and re-matching changes nothing."""
-    prefix = f"q{uuid.uuid4().hex[:6]}-"
-    event = repo.ensure_event(
-        conn,
-        EventIn(
-            code=f"par-{uuid.uuid4().hex[:8]}",
-            settings=EventSettings(k=k, exclude_same_company=exclude_same_company),
-        ),
-    )
     first, second = Matchmaker(settings), Matchmaker(settings)
-    add_attendees(
-        conn, event, [Profile(user_id=f"{prefix}{i}", **fields) for i, fields in enumerate(initial)]
-    )
-    full_drain(conn, first)
+    event, prefix = matched_crowd(conn, first, initial, k, exclude_same_company)
     for before, batch_size, between, batches in rounds:
         for op in before:
             apply(conn, event, prefix, op, [first, second], [])

@@ -18,12 +18,11 @@ from pathlib import Path
 import pytest
 
 from core.embedding import embedder_for_event
-from core.oracle import verify_event
 from core.repository import Conn
 from core.settings import Settings
 from core.synthetic import generate_profiles
 from core.worker import Matchmaker, run_worker
-from tests.helpers import add_attendees
+from tests.helpers import add_attendees, assert_completed_once_and_exact
 
 pytestmark = pytest.mark.reliability
 
@@ -246,15 +245,7 @@ def test_sigkilled_workers_lose_nothing_and_every_killed_lease_counts_an_attempt
     ).fetchall()
     assert leftover == []
     # Each attendee completed exactly once, in batches that committed whole.
-    claimed, completed, failed = conn.execute(
-        "SELECT sum(claimed), sum(completed), sum(failed) FROM matchmaking_batches"
-        " WHERE event_id = %s",
-        (event.id,),
-    ).fetchone() or (None, None, None)
-    assert (claimed, completed, failed) == (ATTENDEES, ATTENDEES, 0)
-    report = verify_event(conn, event, embedder_for_event(event, settings).key)
-    assert report.ok, (report.mismatches[:3], report.missing_vectors[:3])
-    assert report.checked == ATTENDEES
+    assert_completed_once_and_exact(conn, event, embedder_for_event(event, settings).key, ATTENDEES)
 
     max_attempts = max((len(t) for t in leases_of.values()), default=0)
     print(

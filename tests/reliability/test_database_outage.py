@@ -32,7 +32,7 @@ from core.repository import Conn
 from core.settings import Settings
 from core.synthetic import generate_profiles
 from core.worker import Matchmaker, run_worker
-from tests.helpers import add_attendees
+from tests.helpers import add_attendees, assert_completed_once_and_exact, wait_until_leases_expire
 
 pytestmark = pytest.mark.reliability
 
@@ -251,14 +251,7 @@ def test_an_invocation_fails_cleanly_when_the_database_stops_and_the_next_one_fi
             assert max(attempts for _, attempts in rows) <= 1
             orphaned = sum(1 for status, _ in rows if status == "running")
             # The dead invocation's leases must run out before anyone may take them.
-            expire_deadline = time.monotonic() + LEASE_S + 10
-            while _count(
-                conn,
-                "SELECT count(*) FROM matchmaking_queue"
-                " WHERE status = 'running' AND lease_expires_at >= now()",
-            ):
-                assert time.monotonic() < expire_deadline
-                time.sleep(0.05)
+            wait_until_leases_expire(conn, LEASE_S)
 
             # 4. The next invocation resumes and finishes.
             resume = _invoke(tmp_path, "resume", env)
@@ -272,15 +265,9 @@ def test_an_invocation_fails_cleanly_when_the_database_stops_and_the_next_one_fi
             assert summary["completed"] == len(rows), summary
 
             assert _count(conn, "SELECT count(*) FROM matchmaking_queue") == 0
-            claimed, completed, failed = conn.execute(
-                "SELECT sum(claimed), sum(completed), sum(failed) FROM matchmaking_batches"
-                " WHERE event_id = %s",
-                (event.id,),
-            ).fetchone() or (None, None, None)
-            assert (claimed, completed, failed) == (ATTENDEES, ATTENDEES, 0)
-            report = verify_event(conn, event, embedder_for_event(event, settings).key)
-            assert report.ok, (report.mismatches[:3], report.missing_vectors[:3])
-            assert report.checked == ATTENDEES
+            assert_completed_once_and_exact(
+                conn, event, embedder_for_event(event, settings).key, ATTENDEES
+            )
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -385,14 +372,7 @@ def test_a_warm_worker_matches_joins_after_a_crash_that_lost_its_last_commits(
 
     with psycopg.connect(uri, autocommit=True) as conn:
         add_attendees(conn, EVENT, [profiles[joined]])  # joins after the restart
-        expire_deadline = time.monotonic() + LEASE_S + 10
-        while _count(
-            conn,
-            "SELECT count(*) FROM matchmaking_queue"
-            " WHERE status = 'running' AND lease_expires_at >= now()",
-        ):
-            assert time.monotonic() < expire_deadline
-            time.sleep(0.05)
+        wait_until_leases_expire(conn, LEASE_S)
 
         # The warm container's next invocations: the old connection is gone, the
         # Matchmaker object (and whatever it cached) is not.

@@ -369,10 +369,21 @@ def test_matchmaker_settings(template: dict[str, Any]) -> None:
     assert env["BATCH_SIZE"] == {"Ref": "BatchSize"}
     assert params["BatchSize"]["Default"] == 20
     assert props["MemorySize"] == {"Ref": "MatchmakerMemorySize"}
-    assert params["MatchmakerMemorySize"]["Default"] == 1024
+    # 3,008 MB: CPU for the bulk products; a 50,000 event peaks near 530 MiB (bench)
+    assert params["MatchmakerMemorySize"]["Default"] == 3008
     assert props["ReservedConcurrentExecutions"] == {"Ref": "MatchmakerReservedConcurrency"}
     assert params["MatchmakerReservedConcurrency"]["Default"] == 2
     assert env["DEAD_LETTER_QUEUE_URL"] == {"Ref": "DeadLetterQueue"}
+    # fan-out never exceeds the reserved concurrency (one database connection per run)
+    assert env["MAX_PARALLEL_WORKERS"] == {"Ref": "MatchmakerReservedConcurrency"}
+
+
+def test_the_matchmaker_may_invoke_only_itself_for_fan_out(template: dict[str, Any]) -> None:
+    policy = resources(template)["MatchmakerFanOutPolicy"]["Properties"]
+    assert policy["Roles"] == [{"Ref": "MatchmakerFunctionRole"}]
+    [statement] = policy["PolicyDocument"]["Statement"]
+    assert statement["Action"] == "lambda:InvokeFunction"
+    assert statement["Resource"] == {"Fn::GetAtt": ["MatchmakerFunction", "Arn"]}
 
 
 def test_timeouts_are_ordered(template: dict[str, Any]) -> None:
