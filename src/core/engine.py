@@ -1,14 +1,17 @@
 """Exact incremental top-k for one event, kept in memory between batches.
 
 An EventState holds the event's vectors, exclusions and current lists as numpy arrays.
-It is refreshed incrementally from the database at the start of every batch (under the
-event's advisory lock), so a warm worker does not reload 10,000 vectors per batch.
+It is refreshed incrementally from the database (by transaction-id watermark), so a warm
+worker does not reload 10,000 vectors per batch.
 
-Processing a batch A of users (their vectors just became current):
-1. score A against everyone with one matrix product; each user's new list is its top-k;
-2. every other attendee v only needs to look at A's column of that block (scores are
-   symmetric): v's new list is the best k of its old list and A's scores, unless someone
-   of A was on v's list and now scores lower (or is excluded) — then v's row is recomputed
+Processing a batch A of users (their vectors just became current), in two halves:
+1. prepare (no lock needed): score A against everyone, chunk by chunk; each user's new
+   list is its top-k, and from the same scores (they are symmetric) every other attendee
+   gets its best k among A;
+2. apply (under the event's lock, after another refresh): correct A's lists for rows that
+   changed since (or prepare again if one of A changed), then for every other attendee v:
+   v's new list is the best k of its current list and A's candidates, unless someone of
+   A was on v's list and now scores lower (or is excluded) — then v's row is recomputed
    in full. This is the bump rule, and it keeps lists exact: a pair not involving A did
    not change score, so nobody outside (old list + A) can enter v's top-k.
 """
@@ -400,13 +403,10 @@ class EventState:
                 cand = self._candidates(batch, fresh)
                 is_moved = np.zeros(n, dtype=bool)
                 is_moved[moved] = True
+                # (A new dismissal marks both of its users changed: one of the batch
+                # would have made us prepare again above.)
                 batch_idx, batch_val, full = self._merge(
                     batch, batch_idx, batch_val, is_moved, cand
-                )
-                # A new dismissal between a batch user and a changed row: recompute.
-                full |= np.array(
-                    [bool(self.dismissed.get(r, set()) & changed) for r in batch.tolist()],
-                    dtype=bool,
                 )
                 if full.any():
                     batch_idx[full], batch_val[full] = self._full_lists(batch[full], cols, col_pos)
