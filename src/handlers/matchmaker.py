@@ -73,8 +73,8 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
         if settings.dead_letter_queue_url:
             aws.send_dead_letters(conn, settings.dead_letter_queue_url, outcomes)
 
-    helpers = 0 if invocation.source == "fan-out" else fan_out(conn, context.function_name)
     try:
+        helpers = 0 if invocation.source == "fan-out" else fan_out(conn, context.function_name)
         report = run_worker(
             conn, settings, deadline=deadline, matchmaker=_matchmaker_for(), on_dead=dead_letters
         )
