@@ -303,10 +303,6 @@ class EventState:
             start += chunk.size
         return idx, val
 
-    def process(self, profile_ids: list[int]) -> BatchChanges:
-        """Recompute the given users and propagate to everyone else (see module doc)."""
-        return self.apply(self.prepare(profile_ids))
-
     def changed_since(self, refresh: int) -> set[int] | None:
         """Rows reported by the refreshes after `refresh`; None if no longer known."""
         if refresh < self.refreshes and (
@@ -383,13 +379,13 @@ class EventState:
         n, k = self.n, self.k
         new_idx = self.top_idx[:n].copy()
         new_val = self.top_val[:n].copy()
-        batch = prepared.batch[self.matchable[prepared.batch]]
+        keep = self.matchable[prepared.batch]
+        batch = prepared.batch[keep]
         for row in prepared.claimed - set(batch.tolist()):  # left, or no vector: empty list
             new_idx[row], new_val[row] = NO_MATCH, EXCLUDED
 
         if batch.size:
             changes.matched_users = int(batch.size)
-            keep = self.matchable[prepared.batch]
             batch_idx, batch_val = prepared.batch_idx[keep], prepared.batch_val[keep]
             cols, col_pos = self._columns()
             in_batch = np.zeros(n, dtype=bool)

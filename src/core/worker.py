@@ -404,8 +404,9 @@ class Matchmaker:
         error: str | None,
         record_batch: bool = True,
     ) -> tuple[list[QueueOutcome], list[QueueOutcome]]:
-        """Fail the failed rows (backoff, or dead) and record the batch's figures."""
-        repo.lock_queue_rows(conn, [row.queue_id for row in claimed])
+        """Fail the failed rows (backoff, or dead) and record the batch's figures. (mm_fail
+        locks its rows in the queue's lock order; a batch that also completes rows has
+        locked them all in that order before.)"""
         outcomes: list[QueueOutcome] = []
         for token, rows in by_lease(claimed).items():
             failed = {r.queue_id: failures[r.queue_id] for r in rows if r.queue_id in failures}

@@ -34,6 +34,7 @@ from core.worker import Matchmaker, default_embedder
 from handlers.api import openapi_document
 from tests.conftest import database_uri
 from tests.helpers import PoisonEmbedder, add_attendees, queue_rows
+from tests.integration.api_support import AWS_ENV
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
 
@@ -62,12 +63,7 @@ class FakeContext:
 def aws(monkeypatch: pytest.MonkeyPatch, db_url: str) -> Iterator[dict[str, str]]:
     """moto for AWS, the test database through Secrets Manager (as in the stack)."""
     for name, value in {
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "POWERTOOLS_TRACE_DISABLED": "true",
-        "POWERTOOLS_METRICS_NAMESPACE": "Matchmaker",
+        **AWS_ENV,
         "MAX_ATTEMPTS": "2",
         "BACKOFF_BASE_S": "0",
         "BACKOFF_MAX_S": "0",

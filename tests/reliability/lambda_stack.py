@@ -23,31 +23,20 @@ import handlers.api
 import handlers.matchmaker
 import handlers.redrive
 from core.settings import Settings
-from tests.integration.api_support import FakeLambdaContext, request
+from tests.integration.api_support import AWS_ENV, FakeLambdaContext, request, reset_caches
 from tests.integration.test_worker_handlers import FakeContext, load_event
 
 if TYPE_CHECKING:
     from tests.fake_openai import FakeOpenAI
 
 OPENAI_KEY = "sk-reliability-from-secrets-manager"
-AWS_ENV = {
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "POWERTOOLS_TRACE_DISABLED": "true",
-    "POWERTOOLS_METRICS_NAMESPACE": "Matchmaker",
-}
 
 
 def _reset_handler_state() -> None:
+    reset_caches()  # settings, boto3 clients, the API's connection
     handlers.matchmaker.connections.discard()
     handlers.redrive.connections.discard()
-    handlers.api.connections.discard()
     handlers.matchmaker._matchmaker = None
-    core.settings.get_settings.cache_clear()
-    core.aws.sqs_client.cache_clear()
-    core.aws.lambda_client.cache_clear()
 
 
 @dataclass
