@@ -288,10 +288,13 @@ def test_the_committed_openapi_document_matches_the_code():
     assert committed == openapi_document()
 
 
+# A helper run in its own process. It says "ready" once imported, like a warm container
+# that an async invoke reaches at once, so the runs really overlap.
 HELPER_RUN = """
 import json, sys
 import handlers.matchmaker
 from tests.integration.test_worker_handlers import FakeContext
+print("ready", flush=True)
 print(json.dumps(handlers.matchmaker.lambda_handler(json.loads(sys.argv[1]), FakeContext())))
 """
 
@@ -315,14 +318,15 @@ def test_a_big_backlog_fans_out_to_parallel_runs_that_end_exact(conn, aws, db_ur
                 "Event",
             )
             env = {**os.environ, "DATABASE_URL": db_url, "DB_SECRET_ARN": ""}
-            helpers.append(
-                subprocess.Popen(
-                    [sys.executable, "-c", HELPER_RUN, call["Payload"].decode()],
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
+            helper = subprocess.Popen(
+                [sys.executable, "-c", HELPER_RUN, call["Payload"].decode()],
+                env=env,
+                stdout=subprocess.PIPE,
+                text=True,
             )
+            assert helper.stdout is not None
+            assert helper.stdout.readline().strip() == "ready"
+            helpers.append(helper)
 
     monkeypatch.setattr(core.aws, "lambda_client", FakeLambda)
     summary = handlers.matchmaker.lambda_handler(
