@@ -35,8 +35,11 @@ from core.scoring import (
     IndexMatrix,
     block_dim,
     combine,
+    grouped_top_k,
     merge_top_k,
     pair_scores,
+    query_side,
+    screening_tolerance,
     top_k,
 )
 
@@ -48,6 +51,13 @@ DENSE_FRACTION = 0.6
 CHUNK_ELEMENTS = 1 << 22
 # Refreshes remembered for batches prepared earlier; an older one is prepared again.
 CHANGE_LOG_LENGTH = 256
+# Screening (see EventState._screen): the k-th best approximate score among this many
+# columns is each row's first threshold; a row left with more candidates than
+# WIDE_TIE (many equal scores, e.g. an empty profile) is scored exactly in full instead.
+SCREEN_SAMPLE = 512
+WIDE_TIE = 64
+# Dismissed pairs are looked up as row * PAIR_KEY + other.
+PAIR_KEY = 1 << 32
 
 
 class VectorShapeError(ValueError):
@@ -94,10 +104,12 @@ class EventState:
         # matchable: an active attendee whose vector is present
         self.matchable = np.zeros(0, dtype=bool)
         self.company = np.zeros(0, dtype=np.int32)
-        # (4, capacity, d): the I, S, O, B blocks, each contiguous for BLAS
-        self.blocks = np.zeros((4, 0, block_dim(width)), dtype=np.float32)
+        # (capacity, 4d) rows [I | S | O | B] as float32 (exact integers); see blocks
+        self.vectors = np.zeros((0, 4 * block_dim(width)), dtype=np.float32)
+        self.block_norms = np.zeros(4, dtype=np.float64)  # the largest of each block
         self.tags: list[TagProfile | None] = []
         self.dismissed: dict[int, set[int]] = {}
+        self._dismissed_keys: npt.NDArray[np.int64] | None = None
         self.top_idx: IndexMatrix = np.zeros((0, self.k), dtype=np.int64)
         self.top_val: FloatMatrix = np.zeros((0, self.k), dtype=np.float64)
         self._company_codes: dict[str, int] = {}
@@ -106,9 +118,20 @@ class EventState:
         self.lists_version = -1
         self.stale_rows: set[int] = set()  # stored lists to rewrite whatever happens
         self.chunk_elements = CHUNK_ELEMENTS
+        self.screen_sample = SCREEN_SAMPLE
         # (refresh number, rows it reported): what changed since a batch was prepared
         self.refreshes = 0
         self.change_log: list[tuple[int, set[int]]] = []
+
+    @classmethod
+    def from_members(
+        cls, event: EventRecord, embedder_key: str, width: int, members: list[MemberRow]
+    ) -> EventState:
+        """A state built from member rows in hand, without a database (the benchmark's
+        matching core, tests)."""
+        state = cls(event, embedder_key, width)
+        state._apply_members(members)
+        return state
 
     # --- loading -------------------------------------------------------------------------
 
@@ -130,6 +153,7 @@ class EventState:
                 self.dismissed.setdefault(ra, set()).add(rb)
                 self.dismissed.setdefault(rb, set()).add(ra)
                 changed.update((ra, rb))
+                self._dismissed_keys = None
         self.watermark = xmin
         self.refreshes += 1
         self.change_log.append((self.refreshes, changed))
@@ -154,9 +178,7 @@ class EventState:
         self.profile_ids = grown(self.profile_ids, 0)
         self.matchable = grown(self.matchable, False)
         self.company = grown(self.company, NO_COMPANY)
-        blocks = np.zeros((4, new_capacity, self.blocks.shape[2]), dtype=np.float32)
-        blocks[:, : self.n] = self.blocks[:, : self.n]
-        self.blocks = blocks
+        self.vectors = grown(self.vectors, 0)
         self.top_idx = grown(self.top_idx, NO_MATCH)
         self.top_val = grown(self.top_val, EXCLUDED)
 
@@ -202,8 +224,11 @@ class EventState:
                 self.top_idx[row] = NO_MATCH
                 self.top_val[row] = EXCLUDED
         if vectors:
-            stacked = np.frombuffer(b"".join(vectors), dtype="<i2").reshape(len(vectors), 4, -1)
-            self.blocks[:, vector_rows] = stacked.transpose(1, 0, 2)
+            stacked = np.frombuffer(b"".join(vectors), dtype="<i2").reshape(len(vectors), -1)
+            self.vectors[vector_rows] = stacked
+            blocks = stacked.reshape(len(vectors), 4, -1)
+            norms = np.sqrt(np.square(blocks, dtype=np.float64).sum(axis=2)).max(axis=0)
+            np.maximum(self.block_norms, norms, out=self.block_norms)
         return set(rows)
 
     def _load_lists(self, entries: list[tuple[int, int, int, float]]) -> None:
@@ -219,6 +244,23 @@ class EventState:
                 # Longer than k (k was lowered) or naming a row we do not know: the
                 # stored list must be rewritten even if its first k entries stay.
                 self.stale_rows.add(row)
+
+    @property
+    def blocks(self) -> npt.NDArray[np.float32]:
+        """(4, capacity, d) view of the vectors: the I, S, O, B blocks for pair_scores."""
+        return _as_blocks(self.vectors)
+
+    @property
+    def tolerance(self) -> float:
+        """How far an approximate score may be from the exact one (screening_tolerance)."""
+        return screening_tolerance(self.coef, self.block_norms, self.vectors.shape[1])
+
+    @property
+    def dismissed_keys(self) -> npt.NDArray[np.int64]:
+        if self._dismissed_keys is None:
+            keys = [a * PAIR_KEY + b for a, others in self.dismissed.items() for b in others]
+            self._dismissed_keys = np.unique(np.array(keys, dtype=np.int64))
+        return self._dismissed_keys
 
     @property
     def matchable_count(self) -> int:
@@ -237,70 +279,141 @@ class EventState:
 
     # --- matching ------------------------------------------------------------------------
 
-    def _columns(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        """The rows worth scoring against, and each row's position among them (-1: none).
+    def _columns(self) -> npt.NDArray[np.int64]:
+        """The rows worth scoring against.
 
         While an event fills up (a from-scratch drain) most rows have no vector yet, so
         only matchable rows are scored; once most are matchable, every row is scored (a
-        free slice, no copy) and the rest masked.
+        free slice of the vectors, no copy) and the rest excluded.
         """
         n = self.n
         matchable = np.flatnonzero(self.matchable[:n])
-        cols = matchable if matchable.size < DENSE_FRACTION * n else np.arange(n)
-        col_pos = np.full(n, -1, dtype=np.int64)
-        col_pos[cols] = np.arange(cols.size)
-        return cols, col_pos
+        return matchable if matchable.size < DENSE_FRACTION * n else np.arange(n)
 
-    def masked_scores(
+    def _targets(self, cols: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        """The vectors of `cols`: a slice when cols is every row, else a copy (made once
+        per pass, not per chunk)."""
+        if cols.size == self.n and (not cols.size or cols[-1] == self.n - 1):
+            return self.vectors[: self.n]
+        return self.vectors[cols]
+
+    def _approx(
+        self, rows: npt.NDArray[np.int64], targets: npt.NDArray[np.float32]
+    ) -> npt.NDArray[np.float32]:
+        """Approximate scores of rows against targets: one float32 product."""
+        result: npt.NDArray[np.float32] = query_side(self.vectors[rows], self.coef) @ targets.T
+        return result
+
+    def _excluded(
+        self, a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.bool_]:
+        """Which pairs (a[i], b[i]) may not match (a and b broadcast, e.g. a block): not
+        matchable, oneself, the same company (if the event says so), or dismissed."""
+        excluded: npt.NDArray[np.bool_] = ~self.matchable[a] | ~self.matchable[b] | (a == b)
+        if self.exclude_same_company:
+            company = self.company[a]
+            excluded |= (company == self.company[b]) & (company != NO_COMPANY)
+        if self.dismissed:
+            excluded |= np.isin(a * PAIR_KEY + b, self.dismissed_keys)
+        return excluded
+
+    def _screen(
         self,
+        approx: npt.NDArray[np.float32],
         rows: npt.NDArray[np.int64],
         cols: npt.NDArray[np.int64],
-        col_pos: npt.NDArray[np.int64],
-    ) -> FloatMatrix:
-        """Scores of `rows` against `cols`, exclusions set to EXCLUDED."""
-        dense = cols.size == self.n
-        target = self.blocks[:, : self.n] if dense else self.blocks[:, cols]
-        scores = pair_scores(self.blocks[:, rows], target, self.coef)
-        if dense:
-            scores[:, ~self.matchable[: self.n]] = EXCLUDED
-        own = col_pos[rows]
-        scored_self = own >= 0
-        scores[np.flatnonzero(scored_self), own[scored_self]] = EXCLUDED
-        if self.exclude_same_company:
-            company = self.company[rows][:, None]
-            scores[(company == self.company[cols][None, :]) & (company != NO_COMPANY)] = EXCLUDED
-        for i, row in enumerate(rows.tolist()):
-            for other in self.dismissed.get(row, ()):
-                if col_pos[other] >= 0:
-                    scores[i, col_pos[other]] = EXCLUDED
-        return scores
+        targets: npt.NDArray[np.float32],
+        floor: FloatMatrix | None = None,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], FloatMatrix]:
+        """The pairs (position in rows, column) that may be in a row's top k among `cols`,
+        with their exact scores. `approx` holds the rows' approximate scores against cols
+        (within `tol` of the exact ones); `floor`, an exact score each row's top k already
+        reaches elsewhere (lists merged later), or None.
 
-    def _best(
-        self, scores: FloatMatrix, cols: npt.NDArray[np.int64]
-    ) -> tuple[IndexMatrix, FloatMatrix]:
-        positions, values = top_k(scores, self.id_rank[cols], self.k)
-        return np.where(positions >= 0, cols[np.maximum(positions, 0)], NO_MATCH), values
+        Why nothing is missed: let A be a row's k-th best approximate score and S its
+        k-th best exact one (exclusions apart). Fewer than k columns score above S
+        exactly, so fewer than k above S + tol approximately: A <= S + tol. A column of
+        the exact top k scores at least S, so approximately at least S - tol >= A - 2tol.
+        The k-th best of any subset of columns is at most A, so it serves as a first
+        threshold that is cheap to find; the k-th best among its survivors is then A.
+        """
+        k, tol = self.k, self.tolerance
+        n_rows, n_cols = approx.shape
+        sampled = min(n_cols, self.screen_sample)
+        sample = approx[:, :sampled].astype(np.float64)
+        sample[self._excluded(rows[:, None], cols[None, :sampled])] = EXCLUDED
+        lower = np.full(n_rows, EXCLUDED)
+        if sampled >= k:
+            lower = np.partition(sample, sampled - k, axis=1)[:, sampled - k] - 2 * tol
+        if floor is not None:
+            lower = np.maximum(lower, floor - tol)
+        flat = np.flatnonzero(approx >= _float32_below(lower)[:, None])
+        at, col = np.divmod(flat, n_cols)
+        near = approx.reshape(-1)[flat]
+        allowed = ~self._excluded(rows[at], cols[col])
+        at, col, near = at[allowed], col[allowed], near[allowed]
+
+        # The k-th best approximate score among the survivors is the row's own: keep
+        # what is within 2tol of it.
+        order = np.lexsort((-near, at))
+        place = np.arange(at.size) - np.searchsorted(at[order], at[order])
+        kth = np.full(n_rows, EXCLUDED)
+        at_k = order[place == k - 1]
+        kth[at[at_k]] = near[at_k]
+        keep = near >= np.maximum(kth - 2 * tol, lower)[at]
+        at, col = at[keep], col[keep]
+
+        # A wide tie leaves many candidates: such rows are scored exactly in full (cheaper
+        # than pair by pair), the others pair by pair.
+        wide = np.flatnonzero(np.bincount(at, minlength=n_rows) > WIDE_TIE)
+        narrow = ~np.isin(at, wide)
+        at, col = at[narrow], col[narrow]
+        found = cols[col]
+        exact = self.scores_of_pairs(rows[at], found)
+        if wide.size:
+            wide_rows = rows[wide]
+            scores = pair_scores(self.blocks[:, wide_rows], _as_blocks(targets), self.coef)
+            scores[self._excluded(wide_rows[:, None], cols[None, :])] = EXCLUDED
+            best, values = top_k(scores, self.id_rank[cols], k)
+            chosen = best >= 0
+            at = np.concatenate([at, np.repeat(wide, k).reshape(-1, k)[chosen]])
+            found = np.concatenate([found, cols[best[chosen]]])
+            exact = np.concatenate([exact, values[chosen]])
+        return at, found, exact
 
     def _chunks(self, rows: npt.NDArray[np.int64], width: int) -> list[npt.NDArray[np.int64]]:
         """Split rows so that one chunk's score block stays near CHUNK_ELEMENTS."""
         step = max(1, self.chunk_elements // max(width, 1))
         return [rows[i : i + step] for i in range(0, rows.size, step)]
 
-    def _full_lists(
-        self,
-        rows: npt.NDArray[np.int64],
-        cols: npt.NDArray[np.int64],
-        col_pos: npt.NDArray[np.int64],
+    def _candidates(
+        self, rows: npt.NDArray[np.int64], members: npt.NDArray[np.int64]
     ) -> tuple[IndexMatrix, FloatMatrix]:
-        """Top-k of `rows` against every column, chunk by chunk (bounded memory)."""
+        """Each row's best k among `members` (exclusions apart), chunk by chunk (bounded
+        memory)."""
         idx = np.full((rows.size, self.k), NO_MATCH, dtype=np.int64)
         val = np.full((rows.size, self.k), EXCLUDED, dtype=np.float64)
+        if not members.size:
+            return idx, val
+        targets = self._targets(members)
+        id_rank = self.id_rank
         start = 0
-        for chunk in self._chunks(rows, cols.size):
-            idx[start : start + chunk.size], val[start : start + chunk.size] = self._best(
-                self.masked_scores(chunk, cols, col_pos), cols
+        for chunk in self._chunks(rows, members.size):
+            end = start + chunk.size
+            at, found, exact = self._screen(self._approx(chunk, targets), chunk, members, targets)
+            idx[start:end], val[start:end] = grouped_top_k(
+                at, found, exact, id_rank, n_groups=chunk.size, k=self.k
             )
-            start += chunk.size
+            start = end
+        return idx, val
+
+    def rank_everyone(self) -> tuple[IndexMatrix, FloatMatrix]:
+        """Every row's exact top k among all matchable rows, from scratch (what a full
+        rebuild computes; rows not matchable get empty lists)."""
+        everyone = np.flatnonzero(self.matchable[: self.n])
+        idx = np.full((self.n, self.k), NO_MATCH, dtype=np.int64)
+        val = np.full((self.n, self.k), EXCLUDED, dtype=np.float64)
+        idx[everyone], val[everyone] = self._candidates(everyone, everyone)
         return idx, val
 
     def changed_since(self, refresh: int) -> set[int] | None:
@@ -335,33 +448,43 @@ class EventState:
         if not batch.size:
             return prepared
         id_rank = self.id_rank
-        cols, col_pos = self._columns()
+        cols = self._columns()
+        targets = self._targets(cols)
         is_other = self.matchable[cols].copy()
-        is_other[col_pos[batch]] = False
+        is_other[np.isin(cols, batch)] = False
         other_pos = np.flatnonzero(is_other)
-        prepared.others = cols[other_pos]
-        cand_idx = np.full((other_pos.size, k), NO_MATCH, dtype=np.int64)
-        cand_val = np.full((other_pos.size, k), EXCLUDED, dtype=np.float64)
+        others = prepared.others = cols[other_pos]
+        cand_idx = np.full((others.size, k), NO_MATCH, dtype=np.int64)
+        cand_val = np.full((others.size, k), EXCLUDED, dtype=np.float64)
         start = 0
         for chunk in self._chunks(batch, cols.size):
-            block = self.masked_scores(chunk, cols, col_pos)
+            approx = self._approx(chunk, targets)
             end = start + chunk.size
-            prepared.batch_idx[start:end], prepared.batch_val[start:end] = self._best(block, cols)
+            at, found, exact = self._screen(approx, chunk, cols, targets)
+            prepared.batch_idx[start:end], prepared.batch_val[start:end] = grouped_top_k(
+                at, found, exact, id_rank, n_groups=chunk.size, k=k
+            )
             start = end
-            if not other_pos.size:
+            if not others.size:
                 continue
-            theirs = block[:, other_pos]  # (chunk, others): symmetric scores
-            # Only rows whose k-th best so far this chunk can reach (ties too, by id).
-            reaches = np.flatnonzero(theirs.max(axis=0) >= cand_val[:, k - 1])
-            if reaches.size:
-                pos, values = top_k(theirs[:, reaches].T, id_rank[chunk], k)
-                found = np.where(pos >= 0, chunk[np.maximum(pos, 0)], NO_MATCH)
-                cand_idx[reaches], cand_val[reaches] = merge_top_k(
-                    np.concatenate([cand_idx[reaches], found], axis=1),
-                    np.concatenate([cand_val[reaches], values], axis=1),
-                    id_rank,
-                    k,
-                )
+            # Every other row's best k among this chunk, from the same (symmetric) scores;
+            # only pairs that can beat what the row already has from earlier chunks.
+            theirs = np.ascontiguousarray(approx[:, other_pos].T)
+            at, found, exact = self._screen(
+                theirs, others, chunk, self.vectors[chunk], floor=cand_val[:, k - 1]
+            )
+            if not at.size:
+                continue
+            touched, slot = np.unique(at, return_inverse=True)
+            merged = grouped_top_k(
+                np.concatenate([np.repeat(np.arange(touched.size), k), slot]),
+                np.concatenate([cand_idx[touched].reshape(-1), found]),
+                np.concatenate([cand_val[touched].reshape(-1), exact]),
+                id_rank,
+                n_groups=touched.size,
+                k=k,
+            )
+            cand_idx[touched], cand_val[touched] = merged
         prepared.cand_idx, prepared.cand_val = cand_idx, cand_val
         return prepared
 
@@ -387,7 +510,7 @@ class EventState:
         if batch.size:
             changes.matched_users = int(batch.size)
             batch_idx, batch_val = prepared.batch_idx[keep], prepared.batch_val[keep]
-            cols, col_pos = self._columns()
+            cols = self._columns()
             in_batch = np.zeros(n, dtype=bool)
             in_batch[batch] = True
             recomputed = 0
@@ -405,7 +528,7 @@ class EventState:
                     batch, batch_idx, batch_val, is_moved, cand
                 )
                 if full.any():
-                    batch_idx[full], batch_val[full] = self._full_lists(batch[full], cols, col_pos)
+                    batch_idx[full], batch_val[full] = self._candidates(batch[full], cols)
                     recomputed += int(full.sum())
             new_idx[batch], new_val[batch] = batch_idx, batch_val
 
@@ -444,7 +567,7 @@ class EventState:
                     full[touched],
                 )
                 if full.any():
-                    merged_idx[full], merged_val[full] = self._full_lists(rows[full], cols, col_pos)
+                    merged_idx[full], merged_val[full] = self._candidates(rows[full], cols)
                     recomputed += int(full.sum())
                 new_idx[rows], new_val[rows] = merged_idx, merged_val
             changes.recomputed_neighbours = recomputed
@@ -460,26 +583,6 @@ class EventState:
             )
         self.top_idx[:n], self.top_val[:n] = new_idx, new_val
         return changes
-
-    def _candidates(
-        self, rows: npt.NDArray[np.int64], members: npt.NDArray[np.int64]
-    ) -> tuple[IndexMatrix, FloatMatrix]:
-        """Each row's best k among `members` (all matchable), from fresh scores."""
-        if not members.size:
-            shape = (rows.size, self.k)
-            return np.full(shape, NO_MATCH, dtype=np.int64), np.full(shape, EXCLUDED)
-        member_pos = np.full(self.n, -1, dtype=np.int64)
-        member_pos[members] = np.arange(members.size)
-        idx = np.full((rows.size, self.k), NO_MATCH, dtype=np.int64)
-        val = np.full((rows.size, self.k), EXCLUDED, dtype=np.float64)
-        start = 0
-        for chunk in self._chunks(rows, members.size):
-            end = start + chunk.size
-            idx[start:end], val[start:end] = self._best(
-                self.masked_scores(chunk, members, member_pos), members
-            )
-            start = end
-        return idx, val
 
     def _merge(
         self,
@@ -516,13 +619,7 @@ class EventState:
         complement += np.einsum("ij,ij->i", blocks[2, a], blocks[1, b])
         bio = np.einsum("ij,ij->i", blocks[3, a], blocks[3, b])
         scores = combine(interests, complement, bio, self.coef)
-        excluded = ~self.matchable[a] | ~self.matchable[b] | (a == b)
-        if self.exclude_same_company:
-            excluded |= (self.company[a] == self.company[b]) & (self.company[a] != NO_COMPANY)
-        for i, (x, y) in enumerate(zip(a.tolist(), b.tolist(), strict=True)):
-            if y in self.dismissed.get(x, ()):
-                excluded[i] = True
-        scores[excluded] = EXCLUDED
+        scores[self._excluded(a, b)] = EXCLUDED
         return scores
 
     def _entries(self, row: int, idx: npt.NDArray[np.int64], val: FloatMatrix) -> list[ListEntry]:
@@ -535,3 +632,17 @@ class EventState:
             reasons = explain(owner_tags, other_tags) if owner_tags and other_tags else []
             entries.append(ListEntry(rank, int(self.profile_ids[other]), float(score), reasons))
         return entries
+
+
+def _float32_below(values: FloatMatrix) -> npt.NDArray[np.float32]:
+    """The largest float32 at or below each value: comparing float32 scores with it keeps
+    every score a float64 comparison would keep."""
+    rounded = values.astype(np.float32)
+    too_high = rounded > values
+    rounded[too_high] = np.nextafter(rounded[too_high], np.float32(-np.inf))
+    return rounded
+
+
+def _as_blocks(vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """(n, 4d) rows -> a (4, n, d) view, the layout pair_scores takes."""
+    return vectors.reshape(vectors.shape[0], 4, -1).transpose(1, 0, 2)

@@ -7,6 +7,11 @@ them is an integer below 2^24 in every partial sum, so float32 BLAS computes it 
 any order. The weighted combination is then a fixed sequence of float64 operations on
 exact integers. Hence scores are bit-identical however rows are batched, score(A, B) is
 bit-identical to score(B, A), and a brute-force oracle reproduces them exactly.
+
+Finding each row's top k does not need every score exactly, only the few near the top.
+The engine screens with approximate scores, one float32 product over the packed vector
+(query_side · vector), whose error screening_tolerance bounds, and scores exactly only the
+candidates the approximation cannot rule out.
 """
 
 from __future__ import annotations
@@ -71,6 +76,42 @@ def pair_scores(
     return combine(interests, complement, bio, coef)
 
 
+def query_side(vectors: npt.NDArray[np.float32], coef: Coefficients) -> npt.NDArray[np.float32]:
+    """Rows [I | S | O | B] -> [c_i·I | c_c·O | c_c·S | c_b·B], so that query_side(a) · b
+    approximates score(a, b) in one float32 product (within screening_tolerance)."""
+    d = block_dim(vectors.shape[1])
+    out = np.empty_like(vectors)
+    out[:, :d] = vectors[:, :d] * np.float32(coef.interests)
+    out[:, d : 2 * d] = vectors[:, 2 * d : 3 * d] * np.float32(coef.complement)
+    out[:, 2 * d : 3 * d] = vectors[:, d : 2 * d] * np.float32(coef.complement)
+    out[:, 3 * d :] = vectors[:, 3 * d :] * np.float32(coef.bio)
+    return out
+
+
+def screening_tolerance(
+    coef: Coefficients, block_norms: npt.NDArray[np.float64], width: int
+) -> float:
+    """A bound on |approximate - exact| score for vectors whose blocks (I, S, O, B) have
+    norms at most block_norms, with `width` = 4d terms per float32 dot product.
+
+    Each scaled query element is rounded once (relative error u = 2^-24); a float32 dot
+    product of n terms, in any order, with or without FMA, errs by at most
+    gamma_n · sum|q_j·x_j| with gamma_n = n·u / (1 - n·u). By Cauchy-Schwarz the sum of
+    |c_j·x_j·y_j| is at most c_i·|I|² + 2·c_c·|S|·|O| + c_b·|B|². Doubled, for margin and
+    for the float64 rounding of the exact score itself.
+    """
+    u = 2.0**-24
+    terms = width
+    gamma = terms * u / (1 - terms * u)
+    n_i, n_s, n_o, n_b = (float(x) for x in block_norms)
+    magnitude = (
+        abs(coef.interests) * n_i * n_i
+        + 2 * abs(coef.complement) * n_s * n_o
+        + abs(coef.bio) * n_b * n_b
+    )
+    return 2 * (gamma * (1 + u) + u) * magnitude
+
+
 def combine(
     interests: npt.NDArray[np.floating],
     complement: npt.NDArray[np.floating],
@@ -126,6 +167,31 @@ def top_k(
 
     excluded = out_val == EXCLUDED
     out_idx[excluded] = NO_MATCH
+    return out_idx, out_val
+
+
+def grouped_top_k(
+    groups: npt.NDArray[np.int64],
+    items: npt.NDArray[np.int64],
+    values: FloatMatrix,
+    id_rank: npt.NDArray[np.int64],
+    *,
+    n_groups: int,
+    k: int,
+) -> tuple[IndexMatrix, FloatMatrix]:
+    """Per group 0..n_groups-1, the k items with the best (value desc, id_rank asc), from
+    flat candidate arrays (each item at most once per group); EXCLUDED values (and
+    NO_MATCH items) never chosen. Padded with NO_MATCH / EXCLUDED like top_k."""
+    out_idx = np.full((n_groups, k), NO_MATCH, dtype=np.int64)
+    out_val = np.full((n_groups, k), EXCLUDED, dtype=np.float64)
+    keep = (values > EXCLUDED) & (items >= 0)
+    groups, items, values = groups[keep], items[keep], values[keep]
+    order = np.lexsort((id_rank[items], -values, groups))
+    groups, items, values = groups[order], items[order], values[order]
+    place = np.arange(groups.size) - np.searchsorted(groups, groups)
+    chosen = place < k
+    out_idx[groups[chosen], place[chosen]] = items[chosen]
+    out_val[groups[chosen], place[chosen]] = values[chosen]
     return out_idx, out_val
 
 

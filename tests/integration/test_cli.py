@@ -317,7 +317,8 @@ def test_bench_writes_verified_figures(db_url: str, tmp_path: Path) -> None:
     """Given an empty database,
     when `bench --sizes 60,120 --json out.json` runs,
     then it exits 0, prints the table, and out.json holds one verified row per size with
-    the drain, the compute limit and their ratio, round trips, peak RSS, newcomer
+    the drain, the compute limit and their ratio, the matching core (which must find the
+    drain's lists), round trips, peak RSS, newcomer
     latencies and the pgvector peer (which must find the lists we found); the benchmark
     cleans its profiles and peer tables up afterwards."""
     result = cli(db_url, "bench", "--sizes", "60,120", "--json", "out.json", cwd=tmp_path)
@@ -332,6 +333,8 @@ def test_bench_writes_verified_figures(db_url: str, tmp_path: Path) -> None:
         assert row["lists_written"] >= row["attendees"]
         assert row["drain_s"] > 0 and row["users_per_s"] > 0 and row["limit_s"] > 0
         assert row["ours_over_limit"] > 0  # drain / limit, from unrounded times
+        # The engine's matching core, alone on the same vectors, finds the drain's lists.
+        assert row["core_s"] > 0 and row["ours_over_core"] > 0 and row["core_agrees"] is True
         assert row["round_trips"] > 0 and row["peak_rss_mib"] > 0
         assert 0 < row["newcomer_p50_ms"] <= row["newcomer_p95_ms"]
         if row["peer_note"]:  # an embedded PostgreSQL without pgvector
