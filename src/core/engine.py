@@ -18,6 +18,7 @@ Processing a batch A of users (their vectors just became current), in two halves
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +57,10 @@ CHANGE_LOG_LENGTH = 256
 # WIDE_TIE (many equal scores, e.g. an empty profile) is scored exactly in full instead.
 SCREEN_SAMPLE = 512
 WIDE_TIE = 64
+# New rows ranked by user_id one by one; more are ranked by a sort of the event.
+RANK_INSERTIONS = 64
+# A chunk of at most this many rows is scored exactly (see prepare).
+EXACT_CHUNK_ROWS = 64
 # Dismissed pairs are looked up as row * PAIR_KEY + other.
 PAIR_KEY = 1 << 32
 
@@ -113,7 +118,9 @@ class EventState:
         self.top_idx: IndexMatrix = np.zeros((0, self.k), dtype=np.int64)
         self.top_val: FloatMatrix = np.zeros((0, self.k), dtype=np.float64)
         self._company_codes: dict[str, int] = {}
-        self._id_rank: npt.NDArray[np.int64] | None = None
+        # id_rank of the first rows (those since are ranked on demand) and their ids sorted
+        self._id_rank = np.zeros(0, dtype=np.int64)
+        self._sorted_ids: list[str] = []
         self.watermark: int | None = None
         self.lists_version = -1
         self.stale_rows: set[int] = set()  # stored lists to rewrite whatever happens
@@ -192,7 +199,6 @@ class EventState:
             self.user_ids.append(user_id)
             self.tags.append(None)
             self.row_of[profile_id] = row
-            self._id_rank = None
         return row
 
     def _apply_members(self, members: list[MemberRow]) -> set[int]:
@@ -269,11 +275,22 @@ class EventState:
 
     @property
     def id_rank(self) -> npt.NDArray[np.int64]:
-        """Position of each row in user_id order: the tie-break of equal scores."""
-        if self._id_rank is None:
+        """Position of each row in user_id order: the tie-break of equal scores. A few new
+        rows are ranked by insertion (a newcomer must not cost a sort of the event)."""
+        ranked = self._id_rank.size
+        if self.n - ranked > RANK_INSERTIONS:
             order = sorted(range(self.n), key=self.user_ids.__getitem__)
-            rank = np.empty(self.n, dtype=np.int64)
-            rank[order] = np.arange(self.n, dtype=np.int64)
+            self._sorted_ids = [self.user_ids[row] for row in order]
+            self._id_rank = np.empty(self.n, dtype=np.int64)
+            self._id_rank[order] = np.arange(self.n, dtype=np.int64)
+        elif self.n > ranked:
+            rank = np.concatenate([self._id_rank, np.zeros(self.n - ranked, dtype=np.int64)])
+            for row in range(ranked, self.n):
+                user_id = self.user_ids[row]
+                place = bisect.bisect_left(self._sorted_ids, user_id)
+                self._sorted_ids.insert(place, user_id)
+                rank[:row][rank[:row] >= place] += 1
+                rank[row] = place
             self._id_rank = rank
         return self._id_rank
 
@@ -293,7 +310,7 @@ class EventState:
     def _targets(self, cols: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
         """The vectors of `cols`: a slice when cols is every row, else a copy (made once
         per pass, not per chunk)."""
-        if cols.size == self.n and (not cols.size or cols[-1] == self.n - 1):
+        if cols.size == self.n:  # sorted and distinct, so every row
             return self.vectors[: self.n]
         return self.vectors[cols]
 
@@ -307,8 +324,8 @@ class EventState:
     def _excluded(
         self, a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]
     ) -> npt.NDArray[np.bool_]:
-        """Which pairs (a[i], b[i]) may not match (a and b broadcast, e.g. a block): not
-        matchable, oneself, the same company (if the event says so), or dismissed."""
+        """Which pairs (a[i], b[i]) may not match: not matchable, oneself, the same
+        company (if the event says so), or dismissed."""
         excluded: npt.NDArray[np.bool_] = ~self.matchable[a] | ~self.matchable[b] | (a == b)
         if self.exclude_same_company:
             company = self.company[a]
@@ -316,6 +333,25 @@ class EventState:
         if self.dismissed:
             excluded |= np.isin(a * PAIR_KEY + b, self.dismissed_keys)
         return excluded
+
+    def _excluded_block(
+        self, rows: npt.NDArray[np.int64], cols: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.bool_]:
+        """_excluded for every pair of rows x cols (cols sorted, as every caller's are)."""
+        row_ok, col_ok = self.matchable[rows], self.matchable[cols]
+        block: npt.NDArray[np.bool_] = ~row_ok[:, None] | ~col_ok[None, :]
+        block |= rows[:, None] == cols[None, :]
+        if self.exclude_same_company:
+            company = self.company[rows][:, None]
+            block |= (company == self.company[cols][None, :]) & (company != NO_COMPANY)
+        if self.dismissed:
+            for i, row in enumerate(rows.tolist()):
+                dismissed = self.dismissed.get(row)
+                if dismissed:
+                    theirs = np.array(sorted(dismissed), dtype=np.int64)
+                    at = np.minimum(np.searchsorted(cols, theirs), cols.size - 1)
+                    block[i, at[cols[at] == theirs]] = True
+        return block
 
     def _screen(
         self,
@@ -339,12 +375,15 @@ class EventState:
         """
         k, tol = self.k, self.tolerance
         n_rows, n_cols = approx.shape
-        sampled = min(n_cols, self.screen_sample)
-        sample = approx[:, :sampled].astype(np.float64)
-        sample[self._excluded(rows[:, None], cols[None, :sampled])] = EXCLUDED
+        # The sample: the first matchable columns (a column that cannot match would only
+        # make the threshold useless).
+        sampled = np.flatnonzero(self.matchable[cols])[: self.screen_sample]
+        sample = approx[:, sampled].astype(np.float64)
+        sample[self._excluded_block(rows, cols[sampled])] = EXCLUDED
         lower = np.full(n_rows, EXCLUDED)
-        if sampled >= k:
-            lower = np.partition(sample, sampled - k, axis=1)[:, sampled - k] - 2 * tol
+        if sampled.size >= k:
+            kth_sampled = np.partition(sample, sampled.size - k, axis=1)[:, sampled.size - k]
+            lower = kth_sampled - 2 * tol
         if floor is not None:
             lower = np.maximum(lower, floor - tol)
         flat = np.flatnonzero(approx >= _float32_below(lower)[:, None])
@@ -371,9 +410,7 @@ class EventState:
         found = cols[col]
         exact = self.scores_of_pairs(rows[at], found)
         if wide.size:
-            wide_rows = rows[wide]
-            scores = pair_scores(self.blocks[:, wide_rows], _as_blocks(targets), self.coef)
-            scores[self._excluded(wide_rows[:, None], cols[None, :])] = EXCLUDED
+            scores = self._exact_block(rows[wide], cols, targets)
             best, values = top_k(scores, self.id_rank[cols], k)
             chosen = best >= 0
             at = np.concatenate([at, np.repeat(wide, k).reshape(-1, k)[chosen]])
@@ -406,6 +443,64 @@ class EventState:
             )
             start = end
         return idx, val
+
+    def _offer(
+        self,
+        chunk: npt.NDArray[np.int64],
+        others: npt.NDArray[np.int64],
+        scores: npt.NDArray[np.floating[Any]],
+        *,
+        tol: float,
+        candidates: tuple[IndexMatrix, FloatMatrix],
+    ) -> None:
+        """Merge into each other row's candidates (its best k so far, in place) its best k
+        among `chunk`, given the chunk's scores against them (chunk x others: exact when
+        tol is 0, else approximate within tol). Only rows the chunk can reach are looked
+        at: after the first chunks, most rows already hold better candidates."""
+        k = self.k
+        cand_idx, cand_val = candidates
+        reach = np.flatnonzero(scores.max(axis=0) >= cand_val[:, k - 1] - tol)
+        if not reach.size:
+            return
+        theirs = np.ascontiguousarray(scores[:, reach].T)
+        if tol == 0.0:  # exact scores, exclusions already applied
+            best, values = top_k(theirs, self.id_rank[chunk], k)
+            # Rows with no candidates yet (the first chunk; a newcomer's only one) take
+            # the chunk's best k as they are.
+            empty = cand_val[reach, 0] == EXCLUDED
+            cand_idx[reach[empty]] = np.where(
+                best[empty] >= 0, chunk[np.maximum(best[empty], 0)], NO_MATCH
+            )
+            cand_val[reach[empty]] = values[empty]
+            reach, best, values = reach[~empty], best[~empty], values[~empty]
+            at, slot = np.nonzero(best >= 0)
+            found, exact = chunk[best[at, slot]], values[at, slot]
+        else:
+            at, found, exact = self._screen(
+                theirs, others[reach], chunk, self.vectors[chunk], floor=cand_val[reach, k - 1]
+            )
+        present = np.bincount(at, minlength=reach.size) > 0
+        rows = reach[present]
+        cand_idx[rows], cand_val[rows] = grouped_top_k(
+            np.concatenate([np.repeat(np.arange(rows.size), k), (np.cumsum(present) - 1)[at]]),
+            np.concatenate([cand_idx[rows].reshape(-1), found]),
+            np.concatenate([cand_val[rows].reshape(-1), exact]),
+            self.id_rank,
+            n_groups=rows.size,
+            k=k,
+        )
+
+    def _exact_block(
+        self,
+        rows: npt.NDArray[np.int64],
+        cols: npt.NDArray[np.int64],
+        targets: npt.NDArray[np.float32],
+    ) -> FloatMatrix:
+        """Exact scores of rows against cols (targets: their vectors), exclusions set to
+        EXCLUDED."""
+        scores = pair_scores(self.blocks[:, rows], _as_blocks(targets), self.coef)
+        scores[self._excluded_block(rows, cols)] = EXCLUDED
+        return scores
 
     def rank_everyone(self) -> tuple[IndexMatrix, FloatMatrix]:
         """Every row's exact top k among all matchable rows, from scratch (what a full
@@ -458,33 +553,30 @@ class EventState:
         cand_val = np.full((others.size, k), EXCLUDED, dtype=np.float64)
         start = 0
         for chunk in self._chunks(batch, cols.size):
-            approx = self._approx(chunk, targets)
             end = start + chunk.size
-            at, found, exact = self._screen(approx, chunk, cols, targets)
-            prepared.batch_idx[start:end], prepared.batch_val[start:end] = grouped_top_k(
-                at, found, exact, id_rank, n_groups=chunk.size, k=k
-            )
+            if chunk.size <= EXACT_CHUNK_ROWS:
+                # A few rows: exact scores of the whole block cost less than screening,
+                # whose half for the others would score most of their pairs one by one.
+                exact_scores = self._exact_block(chunk, cols, targets)
+                best, values = top_k(exact_scores, id_rank[cols], k)
+                prepared.batch_idx[start:end] = np.where(
+                    best >= 0, cols[np.maximum(best, 0)], NO_MATCH
+                )
+                prepared.batch_val[start:end] = values
+                scores: npt.NDArray[np.floating[Any]] = exact_scores
+                tol = 0.0
+            else:
+                scores = approx = self._approx(chunk, targets)
+                at, found, exact = self._screen(approx, chunk, cols, targets)
+                prepared.batch_idx[start:end], prepared.batch_val[start:end] = grouped_top_k(
+                    at, found, exact, id_rank, n_groups=chunk.size, k=k
+                )
+                tol = self.tolerance
             start = end
-            if not others.size:
-                continue
-            # Every other row's best k among this chunk, from the same (symmetric) scores;
-            # only pairs that can beat what the row already has from earlier chunks.
-            theirs = np.ascontiguousarray(approx[:, other_pos].T)
-            at, found, exact = self._screen(
-                theirs, others, chunk, self.vectors[chunk], floor=cand_val[:, k - 1]
-            )
-            if not at.size:
-                continue
-            touched, slot = np.unique(at, return_inverse=True)
-            merged = grouped_top_k(
-                np.concatenate([np.repeat(np.arange(touched.size), k), slot]),
-                np.concatenate([cand_idx[touched].reshape(-1), found]),
-                np.concatenate([cand_val[touched].reshape(-1), exact]),
-                id_rank,
-                n_groups=touched.size,
-                k=k,
-            )
-            cand_idx[touched], cand_val[touched] = merged
+            if others.size:
+                self._offer(
+                    chunk, others, scores[:, other_pos], tol=tol, candidates=(cand_idx, cand_val)
+                )
         prepared.cand_idx, prepared.cand_val = cand_idx, cand_val
         return prepared
 

@@ -170,7 +170,9 @@ def apply(
     k=st.integers(1, 3),
     exclude_same_company=st.booleans(),
     chunk_elements=st.sampled_from([1, 7, 40, engine.CHUNK_ELEMENTS]),
-    screening=st.sampled_from([(1, 1), (3, 2), (engine.SCREEN_SAMPLE, engine.WIDE_TIE)]),
+    screening=st.sampled_from(
+        [(1, 1, 0), (3, 2, 0), (engine.SCREEN_SAMPLE, engine.WIDE_TIE, engine.EXACT_CHUNK_ROWS)]
+    ),
 )
 def test_random_histories_end_exact_and_stable(
     conn, settings, initial, ops, k, exclude_same_company, chunk_elements, screening
@@ -178,13 +180,14 @@ def test_random_histories_end_exact_and_stable(
     """An initial crowd is matched, then a random history happens; at the end every list
     equals the oracle's, and re-matching everyone (warm or cold cache) rewrites nothing.
     Small chunk sizes make the engine score batches in many chunks (as it does at scale);
-    small screening samples make its first thresholds loose, and a small WIDE_TIE sends
-    rows to the exact full-row path."""
-    sample, wide_tie = screening
+    small screening samples make its first thresholds loose, a small WIDE_TIE sends rows
+    to the exact full-row path, and EXACT_CHUNK_ROWS 0 screens even one-row chunks."""
+    sample, wide_tie, exact_rows = screening
     with (
         mock.patch.object(engine, "CHUNK_ELEMENTS", chunk_elements),
         mock.patch.object(engine, "SCREEN_SAMPLE", sample),
         mock.patch.object(engine, "WIDE_TIE", wide_tie),
+        mock.patch.object(engine, "EXACT_CHUNK_ROWS", exact_rows),
     ):
         check_random_history(conn, settings, initial, ops, k, exclude_same_company)
 
