@@ -369,7 +369,7 @@ def test_matchmaker_settings(template: dict[str, Any]) -> None:
     assert env["BATCH_SIZE"] == {"Ref": "BatchSize"}
     assert params["BatchSize"]["Default"] == 20
     assert props["MemorySize"] == {"Ref": "MatchmakerMemorySize"}
-    # 3,008 MB: CPU for the bulk products; a 50,000 event peaks near 530 MiB (bench)
+    # 3,008 MB: CPU for the bulk products; a 50,000 event peaks near 620 MiB (bench)
     assert params["MatchmakerMemorySize"]["Default"] == 3008
     assert props["ReservedConcurrentExecutions"] == {"Ref": "MatchmakerReservedConcurrency"}
     assert params["MatchmakerReservedConcurrency"]["Default"] == 2
