@@ -14,6 +14,10 @@ Processing a batch A of users (their vectors just became current), in two halves
    A was on v's list and now scores lower (or is excluded) — then v's row is recomputed
    in full. This is the bump rule, and it keeps lists exact: a pair not involving A did
    not change score, so nobody outside (old list + A) can enter v's top-k.
+
+Top-k among many columns is found by screening (EventState._screen): approximate float32
+scores of a whole chunk, from one product, pick the few columns that can be in a row's
+top k (with a proven error margin), and only those are scored exactly.
 """
 
 from __future__ import annotations
