@@ -454,20 +454,21 @@ class EventState:
         others: npt.NDArray[np.int64],
         scores: npt.NDArray[np.floating[Any]],
         *,
-        tol: float,
+        exact_scores: bool,
         candidates: tuple[IndexMatrix, FloatMatrix],
     ) -> None:
         """Merge into each other row's candidates (its best k so far, in place) its best k
-        among `chunk`, given the chunk's scores against them (chunk x others: exact when
-        tol is 0, else approximate within tol). Only rows the chunk can reach are looked
-        at: after the first chunks, most rows already hold better candidates."""
+        among `chunk`, given the chunk's scores against them (chunk x others): exact ones
+        with exclusions applied, or approximate ones. Only rows the chunk can reach are
+        looked at: after the first chunks, most rows already hold better candidates."""
         k = self.k
         cand_idx, cand_val = candidates
+        tol = 0.0 if exact_scores else self.tolerance
         reach = np.flatnonzero(scores.max(axis=0) >= cand_val[:, k - 1] - tol)
         if not reach.size:
             return
         theirs = np.ascontiguousarray(scores[:, reach].T)
-        if tol == 0.0:  # exact scores, exclusions already applied
+        if exact_scores:
             best, values = top_k(theirs, self.id_rank[chunk], k)
             # Rows with no candidates yet (the first chunk; a newcomer's only one) take
             # the chunk's best k as they are.
@@ -558,28 +559,31 @@ class EventState:
         start = 0
         for chunk in self._chunks(batch, cols.size):
             end = start + chunk.size
-            if chunk.size <= EXACT_CHUNK_ROWS:
+            small = chunk.size <= EXACT_CHUNK_ROWS
+            if small:
                 # A few rows: exact scores of the whole block cost less than screening,
                 # whose half for the others would score most of their pairs one by one.
-                exact_scores = self._exact_block(chunk, cols, targets)
-                best, values = top_k(exact_scores, id_rank[cols], k)
+                exact_block = self._exact_block(chunk, cols, targets)
+                best, values = top_k(exact_block, id_rank[cols], k)
                 prepared.batch_idx[start:end] = np.where(
                     best >= 0, cols[np.maximum(best, 0)], NO_MATCH
                 )
                 prepared.batch_val[start:end] = values
-                scores: npt.NDArray[np.floating[Any]] = exact_scores
-                tol = 0.0
+                scores: npt.NDArray[np.floating[Any]] = exact_block
             else:
                 scores = approx = self._approx(chunk, targets)
                 at, found, exact = self._screen(approx, chunk, cols, targets)
                 prepared.batch_idx[start:end], prepared.batch_val[start:end] = grouped_top_k(
                     at, found, exact, id_rank, n_groups=chunk.size, k=k
                 )
-                tol = self.tolerance
             start = end
             if others.size:
                 self._offer(
-                    chunk, others, scores[:, other_pos], tol=tol, candidates=(cand_idx, cand_val)
+                    chunk,
+                    others,
+                    scores[:, other_pos],
+                    exact_scores=small,
+                    candidates=(cand_idx, cand_val),
                 )
         prepared.cand_idx, prepared.cand_val = cand_idx, cand_val
         return prepared

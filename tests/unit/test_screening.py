@@ -258,3 +258,28 @@ def test_id_rank_stays_the_user_id_order_as_rows_arrive(first, later):
         )
         ordered = sorted(state.user_ids)
         assert state.id_rank.tolist() == [ordered.index(u) for u in state.user_ids]
+
+
+@pytest.mark.parametrize("exact_rows", [0, engine.EXACT_CHUNK_ROWS])
+def test_empty_profiles_only_still_respect_exclusions(exact_rows):
+    """Every vector zero: every score is 0 and the tolerance is 0, yet colleagues and
+    dismissed pairs stay off the lists, and ties go by user_id."""
+    rng = np.random.default_rng(5)
+    n = 40
+    vectors = np.zeros((n, 4 * D), dtype=np.int16)
+    # The batch is rows 0-9; all but row 0 work at acme, like the others 10-19.
+    companies = ["" if i == 0 or i >= 20 else "acme" for i in range(n)]
+    state = make_state(vectors, companies, 3, MatchWeights(), rng)
+    assert state.tolerance == 0.0
+    state.dismissed = {0: {2}, 2: {0}}
+    everyone = np.arange(n)
+    with mock.patch.object(engine, "EXACT_CHUNK_ROWS", exact_rows):
+        prepared = state.prepare([int(state.profile_ids[r]) for r in range(10)])
+    dismissed = {(0, 2), (2, 0)}
+    batch = everyone[:10]
+    assert as_lists(state, prepared.batch_idx, prepared.batch_val) == brute_lists(
+        state, batch, everyone, dismissed
+    )
+    assert as_lists(state, prepared.cand_idx, prepared.cand_val) == brute_lists(
+        state, prepared.others, batch, dismissed
+    )
