@@ -348,7 +348,7 @@ class EventState:
         if self.exclude_same_company:
             company = self.company[rows][:, None]
             block |= (company == self.company[cols][None, :]) & (company != NO_COMPANY)
-        if self.dismissed:
+        if self.dismissed and cols.size:
             for i, row in enumerate(rows.tolist()):
                 dismissed = self.dismissed.get(row)
                 if dismissed:
@@ -380,14 +380,21 @@ class EventState:
         k, tol = self.k, self.tolerance
         n_rows, n_cols = approx.shape
         # The sample: the first matchable columns (a column that cannot match would only
-        # make the threshold useless).
-        sampled = np.flatnonzero(self.matchable[cols])[: self.screen_sample]
-        sample = approx[:, sampled].astype(np.float64)
-        sample[self._excluded_block(rows, cols[sampled])] = EXCLUDED
+        # make the threshold useless). A row with fewer than k allowed among them (its
+        # colleagues came first) tries a sample four times larger, and so on.
+        matchable = np.flatnonzero(self.matchable[cols])
         lower = np.full(n_rows, EXCLUDED)
-        if sampled.size >= k:
-            kth_sampled = np.partition(sample, sampled.size - k, axis=1)[:, sampled.size - k]
-            lower = kth_sampled - 2 * tol
+        pending, size = np.arange(n_rows), self.screen_sample
+        while pending.size:
+            sampled = matchable[:size]
+            if sampled.size >= k:
+                sample = approx[np.ix_(pending, sampled)].astype(np.float64)
+                sample[self._excluded_block(rows[pending], cols[sampled])] = EXCLUDED
+                kth = np.partition(sample, sampled.size - k, axis=1)[:, sampled.size - k]
+                lower[pending] = kth - 2 * tol
+            if sampled.size == matchable.size:
+                break
+            pending, size = pending[lower[pending] == EXCLUDED], 4 * size
         if floor is not None:
             lower = np.maximum(lower, floor - tol)
         flat = np.flatnonzero(approx >= _float32_below(lower)[:, None])

@@ -16,6 +16,7 @@ candidates the approximation cannot rule out.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,13 +79,17 @@ def pair_scores(
 
 def query_side(vectors: npt.NDArray[np.float32], coef: Coefficients) -> npt.NDArray[np.float32]:
     """Rows [I | S | O | B] -> [c_i·I | c_c·O | c_c·S | c_b·B], so that query_side(a) · b
-    approximates score(a, b) in one float32 product (within screening_tolerance)."""
+    approximates score(a, b) in one float32 product (within screening_tolerance). Each
+    element is computed in float64 and rounded to float32 once."""
     d = block_dim(vectors.shape[1])
+    scale = np.repeat([coef.interests, coef.complement, coef.complement, coef.bio], d)
     out = np.empty_like(vectors)
-    out[:, :d] = vectors[:, :d] * np.float32(coef.interests)
-    out[:, d : 2 * d] = vectors[:, 2 * d : 3 * d] * np.float32(coef.complement)
-    out[:, 2 * d : 3 * d] = vectors[:, d : 2 * d] * np.float32(coef.complement)
-    out[:, 3 * d :] = vectors[:, 3 * d :] * np.float32(coef.bio)
+    out[:, :d] = vectors[:, :d]
+    out[:, d : 2 * d] = vectors[:, 2 * d : 3 * d]
+    out[:, 2 * d : 3 * d] = vectors[:, d : 2 * d]
+    out[:, 3 * d :] = vectors[:, 3 * d :]
+    # float32 x float64 runs the float64 loop: one rounding, into out.
+    np.multiply(out, scale, out=out, casting="same_kind")
     return out
 
 
@@ -94,13 +99,16 @@ def screening_tolerance(
     """A bound on |approximate - exact| score for vectors whose blocks (I, S, O, B) have
     norms at most block_norms, with `width` = 4d terms per float32 dot product.
 
-    Each scaled query element is rounded once (relative error u = 2^-24); a float32 dot
-    product of n terms, in any order, with or without FMA, errs by at most
-    gamma_n · sum|q_j·x_j| with gamma_n = n·u / (1 - n·u). By Cauchy-Schwarz the sum of
-    |c_j·x_j·y_j| is at most c_i·|I|² + 2·c_c·|S|·|O| + c_b·|B|². Doubled, for margin and
+    Each query element is rounded to float32 once: relative error u = 2^-24, or, if it
+    is subnormal (a tiny weight), absolute error 2^-150. A float32 dot product of n terms,
+    in any order, with or without FMA, errs by at most gamma_n · sum|q_j·x_j| with
+    gamma_n = n·u / (1 - n·u), plus 2^-150 per product that underflows. By
+    Cauchy-Schwarz the sum of |c_j·x_j·y_j| is at most c_i·|I|² + 2·c_c·|S|·|O| +
+    c_b·|B|², and the sum of |y_j| at most sqrt(n)·max|block|. Doubled, for margin and
     for the float64 rounding of the exact score itself.
     """
     u = 2.0**-24
+    tiny = 2.0**-150
     terms = width
     gamma = terms * u / (1 - terms * u)
     n_i, n_s, n_o, n_b = (float(x) for x in block_norms)
@@ -109,7 +117,8 @@ def screening_tolerance(
         + 2 * abs(coef.complement) * n_s * n_o
         + abs(coef.bio) * n_b * n_b
     )
-    return 2 * (gamma * (1 + u) + u) * magnitude
+    underflow = tiny * (terms + math.sqrt(terms) * max(n_i, n_s, n_o, n_b))
+    return 2 * ((gamma * (1 + u) + u) * magnitude + (1 + gamma) * underflow)
 
 
 def combine(

@@ -107,7 +107,7 @@ weights_strategy = st.builds(
     weights=weights_strategy,
     sample=st.sampled_from([1, 2, 3, 7, engine.SCREEN_SAMPLE]),
     wide_tie=st.sampled_from([1, 4, engine.WIDE_TIE]),
-    chunk=st.sampled_from([1, 50, engine.CHUNK_ELEMENTS]),
+    chunk=st.sampled_from([1, 50, 1_000, engine.CHUNK_ELEMENTS]),  # 1 to all rows a chunk
     exact_rows=st.sampled_from([0, 2, engine.EXACT_CHUNK_ROWS]),
 )
 def test_screened_top_k_equals_a_full_exact_sort(
@@ -262,15 +262,15 @@ def test_id_rank_stays_the_user_id_order_as_rows_arrive(first, later):
 
 @pytest.mark.parametrize("exact_rows", [0, engine.EXACT_CHUNK_ROWS])
 def test_empty_profiles_only_still_respect_exclusions(exact_rows):
-    """Every vector zero: every score is 0 and the tolerance is 0, yet colleagues and
-    dismissed pairs stay off the lists, and ties go by user_id."""
+    """Every vector zero: every score is 0 and the tolerance next to nothing, yet
+    colleagues and dismissed pairs stay off the lists, and ties go by user_id."""
     rng = np.random.default_rng(5)
     n = 40
     vectors = np.zeros((n, 4 * D), dtype=np.int16)
     # The batch is rows 0-9; all but row 0 work at acme, like the others 10-19.
     companies = ["" if i == 0 or i >= 20 else "acme" for i in range(n)]
     state = make_state(vectors, companies, 3, MatchWeights(), rng)
-    assert state.tolerance == 0.0
+    assert state.tolerance < 1e-40
     state.dismissed = {0: {2}, 2: {0}}
     everyone = np.arange(n)
     with mock.patch.object(engine, "EXACT_CHUNK_ROWS", exact_rows):
@@ -283,3 +283,51 @@ def test_empty_profiles_only_still_respect_exclusions(exact_rows):
     assert as_lists(state, prepared.cand_idx, prepared.cand_val) == brute_lists(
         state, prepared.others, batch, dismissed
     )
+
+
+@pytest.mark.parametrize("bio", [1e-37, 1e-41])
+def test_a_weight_so_small_its_scores_are_subnormal_in_float32(bio):
+    """Only the bio blocks are non-zero and their weight is tiny: the approximate scores
+    are float32 subnormals, with a large relative error, which the tolerance must still
+    cover (a review found the relative-only bound missed it)."""
+    rng = np.random.default_rng(11)
+    n = 300
+    vectors = np.zeros((n, 4 * D), dtype=np.int16)
+    vectors[:, 3 * D :] = rng.integers(300, 700, size=(n, D))
+    weights = MatchWeights(interests=1.0, complementarity=0.0, bio=bio)
+    state = make_state(vectors, [""] * n, 3, weights, rng)
+    state.chunk_elements = 100 * n  # chunks of 100 rows: screened, with floors
+    everyone = np.arange(n)
+    with mock.patch.object(engine, "EXACT_CHUNK_ROWS", 0):
+        prepared = state.prepare([int(state.profile_ids[r]) for r in range(150)])
+    batch = everyone[:150]
+    assert as_lists(state, prepared.batch_idx, prepared.batch_val) == brute_lists(
+        state, batch, everyone, set()
+    )
+    assert as_lists(state, prepared.cand_idx, prepared.cand_val) == brute_lists(
+        state, prepared.others, batch, set()
+    )
+
+
+def test_colleagues_filling_the_sample_widen_it():
+    """The first 600 attendees work at one company: for them the first sample (512
+    columns) holds nobody they may meet. The sample grows instead of letting every pair
+    through the screen, and lists stay exact."""
+    rng = np.random.default_rng(3)
+    n = 900
+    vectors = made_vectors(rng, n)
+    vectors[:, :D] = rng.integers(-600, 600, size=(n, D))  # scores spread: few ties
+    companies = ["acme" if i < 600 else "" for i in range(n)]
+    state = make_state(vectors, companies, 3, MatchWeights(), rng)
+    screened_pairs = []
+    real_excluded = EventState._excluded
+
+    def counting(self, a, b):
+        screened_pairs.append(np.broadcast(a, b).size)
+        return real_excluded(self, a, b)
+
+    everyone = np.arange(n)
+    with mock.patch.object(EventState, "_excluded", counting):
+        idx, val = state.rank_everyone()
+    assert as_lists(state, idx, val) == brute_lists(state, everyone, everyone, set())
+    assert sum(screened_pairs) < 0.1 * n * n  # not every acme row's 900 pairs
