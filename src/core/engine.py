@@ -330,10 +330,7 @@ class EventState:
     ) -> npt.NDArray[np.bool_]:
         """Which pairs (a[i], b[i]) may not match: not matchable, oneself, the same
         company (if the event says so), or dismissed."""
-        excluded: npt.NDArray[np.bool_] = ~self.matchable[a] | ~self.matchable[b] | (a == b)
-        if self.exclude_same_company:
-            company = self.company[a]
-            excluded |= (company == self.company[b]) & (company != NO_COMPANY)
+        excluded = self._excluded_by_row(a, b)
         if self.dismissed:
             excluded |= np.isin(a * PAIR_KEY + b, self.dismissed_keys)
         return excluded
@@ -341,13 +338,9 @@ class EventState:
     def _excluded_block(
         self, rows: npt.NDArray[np.int64], cols: npt.NDArray[np.int64]
     ) -> npt.NDArray[np.bool_]:
-        """_excluded for every pair of rows x cols (cols sorted, as every caller's are)."""
-        row_ok, col_ok = self.matchable[rows], self.matchable[cols]
-        block: npt.NDArray[np.bool_] = ~row_ok[:, None] | ~col_ok[None, :]
-        block |= rows[:, None] == cols[None, :]
-        if self.exclude_same_company:
-            company = self.company[rows][:, None]
-            block |= (company == self.company[cols][None, :]) & (company != NO_COMPANY)
+        """_excluded for every pair of rows x cols (cols sorted, as every caller's are):
+        dismissals are looked up per row, not per pair."""
+        block = self._excluded_by_row(rows[:, None], cols[None, :])
         if self.dismissed and cols.size:
             for i, row in enumerate(rows.tolist()):
                 dismissed = self.dismissed.get(row)
@@ -356,6 +349,17 @@ class EventState:
                     at = np.minimum(np.searchsorted(cols, theirs), cols.size - 1)
                     block[i, at[cols[at] == theirs]] = True
         return block
+
+    def _excluded_by_row(
+        self, a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.bool_]:
+        """The exclusions that follow from the two rows' own data (a and b broadcast):
+        not matchable, oneself, the same company."""
+        excluded: npt.NDArray[np.bool_] = ~self.matchable[a] | ~self.matchable[b] | (a == b)
+        if self.exclude_same_company:
+            company = self.company[a]
+            excluded |= (company == self.company[b]) & (company != NO_COMPANY)
+        return excluded
 
     def _screen(
         self,

@@ -82,15 +82,10 @@ def query_side(vectors: npt.NDArray[np.float32], coef: Coefficients) -> npt.NDAr
     approximates score(a, b) in one float32 product (within screening_tolerance). Each
     element is computed in float64 and rounded to float32 once."""
     d = block_dim(vectors.shape[1])
+    blocks = np.r_[0:d, 2 * d : 3 * d, d : 2 * d, 3 * d : 4 * d]  # S and O swap places
     scale = np.repeat([coef.interests, coef.complement, coef.complement, coef.bio], d)
-    out = np.empty_like(vectors)
-    out[:, :d] = vectors[:, :d]
-    out[:, d : 2 * d] = vectors[:, 2 * d : 3 * d]
-    out[:, 2 * d : 3 * d] = vectors[:, d : 2 * d]
-    out[:, 3 * d :] = vectors[:, 3 * d :]
-    # float32 x float64 runs the float64 loop: one rounding, into out.
-    np.multiply(out, scale, out=out, casting="same_kind")
-    return out
+    swapped: npt.NDArray[np.float32] = (vectors[:, blocks] * scale).astype(np.float32)
+    return swapped
 
 
 def screening_tolerance(
@@ -207,7 +202,9 @@ def grouped_top_k(
 def merge_top_k(
     idx: IndexMatrix, val: FloatMatrix, id_rank: npt.NDArray[np.int64], k: int
 ) -> tuple[IndexMatrix, FloatMatrix]:
-    """Best k of each row of small candidate sets (NO_MATCH entries sort last)."""
+    """Best k of each row of small candidate sets (NO_MATCH entries sort last). The same
+    choice as grouped_top_k, for sets of one width: sorting along rows is about twice as
+    fast here as one flat sort by group, and a newcomer merges into every list."""
     rank_key = np.where(idx >= 0, id_rank[np.maximum(idx, 0)], np.iinfo(np.int64).max)
     order = np.lexsort((rank_key, -val), axis=-1)[:, :k]
     merged_idx = np.take_along_axis(idx, order, axis=1)
