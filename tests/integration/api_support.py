@@ -17,10 +17,13 @@ from typing import Any
 import boto3
 import pytest
 from moto import mock_aws
+from psycopg.conninfo import conninfo_to_dict
 
 import core.aws
 import core.settings
 import handlers.api
+import handlers.matchmaker
+import handlers.redrive
 from core.repository import Conn
 
 EVENTS_API = Path(__file__).resolve().parents[2] / "events" / "api"
@@ -247,6 +250,34 @@ def reset_caches() -> None:
     core.aws.sqs_client.cache_clear()
     core.aws.lambda_client.cache_clear()
     handlers.api.connections.discard()
+
+
+def reset_handler_state() -> None:
+    """What a new Lambda container starts without: the caches above, the scheduled and
+    redrive handlers' connections and the warm matchmaker."""
+    reset_caches()
+    handlers.matchmaker.connections.discard()
+    handlers.redrive.connections.discard()
+    handlers.matchmaker._matchmaker = None
+
+
+def database_behind_secrets(monkeypatch: pytest.MonkeyPatch, db_url: str) -> str:
+    """Inside mock_aws: the test database reached as in the stack (credentials in Secrets
+    Manager, DB_* variables) and the dead-letter queue; returns the queue's URL."""
+    params = conninfo_to_dict(db_url)
+    secret = boto3.client("secretsmanager").create_secret(
+        Name="matchmaker/db",
+        SecretString=json.dumps(
+            {"username": params.get("user", "postgres"), "password": "not-used-by-trust-auth"}
+        ),
+    )
+    dlq: str = boto3.client("sqs").create_queue(QueueName="matchmaker-dead-letters")["QueueUrl"]
+    monkeypatch.setenv("DB_SECRET_ARN", secret["ARN"])
+    monkeypatch.setenv("DB_HOST", str(params["host"]))
+    monkeypatch.setenv("DB_PORT", str(params.get("port", "5432")))
+    monkeypatch.setenv("DB_NAME", str(params["dbname"]))
+    monkeypatch.setenv("DEAD_LETTER_QUEUE_URL", dlq)
+    return dlq
 
 
 @dataclass

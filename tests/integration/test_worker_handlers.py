@@ -3,6 +3,7 @@ invoked with the events/ files, a real PostgreSQL and moto for SQS / Secrets Man
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -19,7 +20,6 @@ import boto3
 import psycopg
 import pytest
 from moto import mock_aws
-from psycopg.conninfo import conninfo_to_dict
 
 import core.aws
 import core.settings
@@ -34,7 +34,7 @@ from core.worker import Matchmaker, default_embedder
 from handlers.api import openapi_document
 from tests.conftest import database_uri
 from tests.helpers import PoisonEmbedder, add_attendees, queue_rows
-from tests.integration.api_support import AWS_ENV
+from tests.integration.api_support import AWS_ENV, database_behind_secrets, reset_handler_state
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
 
@@ -71,31 +71,10 @@ def aws(monkeypatch: pytest.MonkeyPatch, db_url: str) -> Iterator[dict[str, str]
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("DATABASE_URL", raising=False)
     with mock_aws():
-        params = conninfo_to_dict(db_url)
-        secret = boto3.client("secretsmanager").create_secret(
-            Name="matchmaker/db",
-            SecretString=json.dumps(
-                {"username": params.get("user", "postgres"), "password": "not-used-by-trust-auth"}
-            ),
-        )
-        dlq = boto3.client("sqs").create_queue(QueueName="matchmaker-dead-letters")["QueueUrl"]
-        monkeypatch.setenv("DB_SECRET_ARN", secret["ARN"])
-        monkeypatch.setenv("DB_HOST", str(params["host"]))
-        monkeypatch.setenv("DB_PORT", str(params.get("port", "5432")))
-        monkeypatch.setenv("DB_NAME", str(params["dbname"]))
-        monkeypatch.setenv("DEAD_LETTER_QUEUE_URL", dlq)
-        core.settings.get_settings.cache_clear()
-        core.aws.sqs_client.cache_clear()
-        core.aws.lambda_client.cache_clear()
-        handlers.matchmaker.connections.discard()
-        handlers.redrive.connections.discard()
-        handlers.matchmaker._matchmaker = None
+        dlq = database_behind_secrets(monkeypatch, db_url)
+        reset_handler_state()
         yield {"dlq": dlq}
-        handlers.matchmaker.connections.discard()
-        handlers.redrive.connections.discard()
-        handlers.matchmaker._matchmaker = None
-        core.settings.get_settings.cache_clear()
-        core.aws.sqs_client.cache_clear()
+        reset_handler_state()
 
 
 def dead_letter_messages(queue_url: str) -> list[dict[str, Any]]:
@@ -328,7 +307,8 @@ def test_a_big_backlog_fans_out_to_parallel_runs_that_end_exact(conn, aws, db_ur
             assert helper.stdout.readline().strip() == "ready"
             helpers.append(helper)
 
-    monkeypatch.setattr(core.aws, "lambda_client", FakeLambda)
+    # Cached like the real factory, so resetting the handlers' caches works on it too.
+    monkeypatch.setattr(core.aws, "lambda_client", functools.cache(FakeLambda))
     summary = handlers.matchmaker.lambda_handler(
         load_event("matchmaker/scheduled.json"), FakeContext()
     )

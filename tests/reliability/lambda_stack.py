@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 import boto3
 import pytest
 from moto import mock_aws
-from psycopg.conninfo import conninfo_to_dict
 
 import core.aws
 import core.settings
@@ -23,20 +22,19 @@ import handlers.api
 import handlers.matchmaker
 import handlers.redrive
 from core.settings import Settings
-from tests.integration.api_support import AWS_ENV, FakeLambdaContext, request, reset_caches
+from tests.integration.api_support import (
+    AWS_ENV,
+    FakeLambdaContext,
+    database_behind_secrets,
+    request,
+    reset_handler_state,
+)
 from tests.integration.test_worker_handlers import FakeContext, load_event
 
 if TYPE_CHECKING:
     from tests.fake_openai import FakeOpenAI
 
 OPENAI_KEY = "sk-reliability-from-secrets-manager"
-
-
-def _reset_handler_state() -> None:
-    reset_caches()  # settings, boto3 clients, the API's connection
-    handlers.matchmaker.connections.discard()
-    handlers.redrive.connections.discard()
-    handlers.matchmaker._matchmaker = None
 
 
 @dataclass
@@ -101,27 +99,14 @@ def lambda_stack(
         if name not in env:
             monkeypatch.delenv(name, raising=False)
     with mock_aws():
-        params = conninfo_to_dict(db_url)
-        secrets = boto3.client("secretsmanager")
-        db_secret = secrets.create_secret(
-            Name="matchmaker/db",
-            SecretString=json.dumps(
-                {"username": params.get("user", "postgres"), "password": "not-used-by-trust-auth"}
-            ),
-        )
-        openai_secret = secrets.create_secret(
+        dlq = database_behind_secrets(monkeypatch, db_url)
+        openai_secret = boto3.client("secretsmanager").create_secret(
             Name="matchmaker/openai", SecretString=json.dumps({"api_key": OPENAI_KEY})
         )
-        dlq = boto3.client("sqs").create_queue(QueueName="matchmaker-dead-letters")["QueueUrl"]
-        monkeypatch.setenv("DB_SECRET_ARN", db_secret["ARN"])
-        monkeypatch.setenv("DB_HOST", str(params["host"]))
-        monkeypatch.setenv("DB_PORT", str(params.get("port", "5432")))
-        monkeypatch.setenv("DB_NAME", str(params["dbname"]))
-        monkeypatch.setenv("DEAD_LETTER_QUEUE_URL", dlq)
         monkeypatch.setenv("OPENAI_SECRET_ARN", openai_secret["ARN"])
         monkeypatch.setenv("OPENAI_BASE_URL", fake.base_url)
-        _reset_handler_state()
+        reset_handler_state()
         try:
             yield Stack(dlq)
         finally:
-            _reset_handler_state()
+            reset_handler_state()
