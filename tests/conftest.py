@@ -19,11 +19,11 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from core import repository as repo
-from core.db import connect, embedded_server_uri
-from core.migrations import migrate
-from core.models import EventIn, EventSettings, Profile
-from core.repository import Conn, EventRecord
+from core.data import repository as repo
+from core.data.connections import connect, embedded_server_uri
+from core.data.migrations import migrate
+from core.data.repository import Conn
+from core.models import EventIn, EventRecord, EventSettings, Profile
 from core.settings import Settings
 
 TEMPLATE_DB = f"mm_template_{os.getpid()}"

@@ -10,12 +10,12 @@ import numpy as np
 import numpy.typing as npt
 from psycopg.rows import dict_row
 
-from core import repository as repo
-from core.embedder import LocalEmbedder
-from core.importer import import_profiles
-from core.models import EventIn, EventSettings, Profile
-from core.oracle import verify_event
-from core.repository import Conn, EventRecord
+from core.data import repository as repo
+from core.data.repository import Conn
+from core.embedding.local import LocalEmbedder
+from core.models import EventIn, EventRecord, EventSettings, Profile
+from tooling.local_runs import import_profiles
+from tooling.oracle import verify_event
 
 
 def queue_rows(conn: Conn, event_id: int | None = None) -> list[dict[str, Any]]:

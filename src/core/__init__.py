@@ -1,1 +1,3 @@
-"""Matchmaker core: domain, engine, data layer, settings and observability."""
+"""Matchmaker core: what runs in Lambda, by layer: api (operations), queue (the worker),
+matching (the pure engine), embedding, data (PostgreSQL); plus the shared models,
+settings, observability and AWS adapters."""

@@ -13,9 +13,9 @@ from typing import Any
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
-from core import repository as repo
+from core.data import repository as repo
+from core.data.repository import Conn, QueueOutcome
 from core.observability import logger
-from core.repository import Conn, QueueOutcome
 
 SQS_BATCH = 10  # SendMessageBatch takes at most 10 entries
 

@@ -1,8 +1,10 @@
-"""Domain models shared by the importer, the API and the engine (pydantic at every boundary)."""
+"""The domain vocabulary every layer shares: profiles and event settings (pydantic, validated
+at every boundary) and the plain records that pass between the data layer and the engine."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
@@ -91,7 +93,8 @@ class Profile(ProfileFields, _Identified):
 
 
 class MatchWeights(StrictModel):
-    """Per-event weights of the score blocks (DESIGN.md §4)."""
+    """Per-event weights of the score blocks: interests, complementarity (what one seeks and
+    the other offers, both ways) and bio."""
 
     interests: Annotated[float, Field(ge=0, le=10)] = 1.0
     complementarity: Annotated[float, Field(ge=0, le=10)] = 1.0
@@ -128,3 +131,34 @@ class Match(BaseModel):
 class AttendeeMatches(BaseModel):
     user_id: str
     matches: list[Match]
+
+
+# --- records read from the database (already validated on the way in) -------------------
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    id: int
+    code: str
+    name: str
+    settings: EventSettings
+
+
+@dataclass(frozen=True)
+class MemberRow:
+    profile_id: int
+    user_id: str
+    active: bool
+    company: str
+    interests: list[str]
+    seeking: list[str]
+    offering: list[str]
+    vector: bytes | None
+
+
+@dataclass(frozen=True)
+class ListEntry:
+    rank: int
+    matched_profile_id: int
+    score: float
+    reasons: list[str]

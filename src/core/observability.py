@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
 
+from core.settings import get_settings
+
 SERVICE_NAME = "matchmaker"
 
-logger = Logger(service=SERVICE_NAME, level=os.environ.get("LOG_LEVEL", "INFO"))
+logger = Logger(service=SERVICE_NAME, level=get_settings().log_level)
 metrics = Metrics(namespace="Matchmaker", service=SERVICE_NAME)
 tracer = Tracer(service=SERVICE_NAME)
 

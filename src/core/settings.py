@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     connect_timeout_s: Annotated[int, Field(ge=1, le=120)] = 5
 
     log_level: str = "INFO"
+    # db/migrations of the checkout unless set (the Lambda artifact sets it).
+    migrations_dir: Path | None = None
 
     # AWS: the database credentials come from Secrets Manager, never from a plain variable.
     db_secret_arn: str | None = None
@@ -75,6 +77,29 @@ class Settings(BaseSettings):
 
     # Legacy synchronous trigger (useQueue: false) only for events up to this size.
     sync_match_max_attendees: Annotated[int, Field(ge=1, le=5000)] = 500
+
+    # Where the code runs: Lambda sets AWS_LAMBDA_FUNCTION_NAME, `sam local invoke` also
+    # AWS_SAM_LOCAL=true. A deployed function never honours DATABASE_URL (its credentials
+    # come from Secrets Manager); under sam local invoke it does.
+    aws_lambda_function_name: str | None = None
+    aws_sam_local: bool = False
+
+    # Local tooling (`matchmaker serve`, `matchmaker smoke`); never read in Lambda.
+    api_workers: Annotated[int, Field(ge=1, le=32)] = Field(
+        default=8, validation_alias=AliasChoices("MATCHMAKER_API_WORKERS", "api_workers")
+    )
+    service_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MATCHMAKER_SERVICE_TOKEN", "service_token"),
+    )
+    admin_token: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("MATCHMAKER_ADMIN_TOKEN", "admin_token")
+    )
+
+    @property
+    def deployed(self) -> bool:
+        """Running in a Lambda on AWS (not under sam local invoke)."""
+        return bool(self.aws_lambda_function_name) and not self.aws_sam_local
 
     @model_validator(mode="after")
     def _timeouts_fit_the_lease(self) -> Settings:

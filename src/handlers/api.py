@@ -1,4 +1,4 @@
-"""HTTP API (API Gateway HTTP API, JWT authorizer): thin routes over core.service.
+"""HTTP API (API Gateway HTTP API, JWT authorizer): thin routes over core.api.service.
 
 Every route is authenticated: API Gateway rejects calls without a valid token, and this
 handler fails closed (401) if the authorizer context is missing anyway. Admin routes need
@@ -24,26 +24,36 @@ from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEventV2
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel
 
-from core import aws, service
-from core.db import CONFLICT_ERRORS, ConnectionCache, DatabaseUnavailableError
-from core.models import EVENT_CODE_PATTERN, USER_ID_PATTERN, AttendeeMatches, EventIn
-from core.observability import logger, metrics, tracer
-from core.service import (
+from core import aws
+from core.api import service
+from core.api.errors import (
+    ConflictError,
+    DomainError,
+    ForbiddenError,
+    MatchingTimeoutError,
+    NotFoundError,
+    TooLargeError,
+    UnauthorizedError,
+)
+from core.api.principals import Principal
+from core.api.schemas import (
     AttendeeIn,
     AttendeeOut,
     DeadLetterOut,
     DismissIn,
-    DomainError,
     EnqueueOut,
     EventOut,
-    Principal,
     RedriveOut,
     SettingsPatch,
     StartIn,
     StatusOut,
     TriggerIn,
-    UnauthorizedError,
 )
+from core.data.conflicts import CONFLICT_ERRORS
+from core.data.connections import ConnectionCache, DatabaseUnavailableError
+from core.models import EVENT_CODE_PATTERN, USER_ID_PATTERN, AttendeeMatches, EventIn
+from core.observability import logger, metrics, tracer
+from core.queue.deadline import monotonic_deadline
 from core.settings import get_settings
 
 MAX_BODY_BYTES = 256 * 1024
@@ -115,9 +125,20 @@ def _invoke(code: str) -> bool:
     return aws.invoke_matchmaker(get_settings().matchmaker_function_name, code)
 
 
+# Domain errors carry no HTTP status: this table is where they get one.
+STATUS_OF_ERROR: dict[type[DomainError], int] = {
+    NotFoundError: 404,
+    ForbiddenError: 403,
+    UnauthorizedError: 401,
+    ConflictError: 409,
+    TooLargeError: 413,
+    MatchingTimeoutError: 503,
+}
+
+
 @app.exception_handler(DomainError)
 def _domain_error(exc: DomainError) -> Response[str]:
-    return _error(exc.status, exc.code, exc.message)
+    return _error(STATUS_OF_ERROR.get(type(exc), 400), exc.code, exc.message)
 
 
 @app.not_found
@@ -216,7 +237,7 @@ def trigger_matchmaking(code: Code, body: TriggerIn) -> Response[str]:
     settings = get_settings()
     context: LambdaContext | None = app.lambda_context
     remaining = context.get_remaining_time_in_millis() if context else settings.max_runtime_ms
-    deadline = service.monotonic_deadline(remaining, settings.max_runtime_ms, 2_000)
+    deadline = monotonic_deadline(remaining, settings.max_runtime_ms, 2_000)
     out = service.trigger(
         _conn(), _principal(), code, body, settings=settings, invoke=_invoke, deadline=deadline
     )

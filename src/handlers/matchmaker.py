@@ -12,14 +12,14 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict
 
 from core import aws
-from core import repository as repo
-from core.db import ConnectionCache
+from core.data import repository as repo
+from core.data.connections import ConnectionCache
+from core.data.repository import Conn, QueueOutcome
 from core.models import EventCode
 from core.observability import logger, metrics, tracer
-from core.repository import Conn, QueueOutcome
-from core.service import monotonic_deadline
+from core.queue.deadline import monotonic_deadline
+from core.queue.worker import Matchmaker, run_worker
 from core.settings import get_settings
-from core.worker import Matchmaker, run_worker
 
 connections = ConnectionCache("matchmaker-worker")
 _matchmaker: Matchmaker | None = None  # event state survives warm invocations

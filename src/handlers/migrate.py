@@ -12,8 +12,8 @@ from typing import Any
 
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from core.db import connect, resolve_database_url
-from core.migrations import migrate
+from core.data.connections import connect, resolve_database_url
+from core.data.migrations import migrate
 from core.observability import logger
 from core.settings import get_settings
 

@@ -19,8 +19,8 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict
 
-from core import repository as repo
-from core.db import ConnectionCache
+from core.data import repository as repo
+from core.data.connections import ConnectionCache
 from core.observability import logger, metrics, tracer
 from core.settings import get_settings
 

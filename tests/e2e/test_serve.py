@@ -3,7 +3,7 @@
 One server per module (embedded PostgreSQL in a temporary MATCHMAKER_PGDATA, or a fresh
 database on the DATABASE_URL server when the session has one); the tokens come from its
 own output and from `matchmaker token`, exactly as a developer would get them. Covers the
-smoke run (core.smoke), every route, authentication and authorisation, a malformed body
+smoke run (tooling.smoke), every route, authentication and authorisation, a malformed body
 writing nothing, and a clean shutdown on Ctrl-C (SIGINT). The shutdown test runs last.
 """
 
@@ -35,9 +35,9 @@ import pytest
 from psycopg import sql
 
 from core.models import Profile
-from core.smoke import SmokeReport, _check_lists, _Settings, run_smoke
-from core.synthetic import generate_profiles
 from tests.conftest import database_uri
+from tooling.smoke import SmokeReport, _check_lists, _Settings, run_smoke
+from tooling.synthetic import generate_profiles
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 60.0
@@ -142,7 +142,7 @@ def launch(env: dict[str, str], workdir: Path) -> Server:
     """Start `matchmaker serve --port 0` with this environment; fail the test unless it
     prints its URL and both tokens within START_TIMEOUT_S."""
     env = {**env, "MATCHMAKER_PGDATA": str(workdir / "pgdata"), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "core.cli", "serve", "--port", "0", "--schedule-seconds", "1"]
+    cmd = [sys.executable, "-m", "tooling.cli", "serve", "--port", "0", "--schedule-seconds", "1"]
     with (workdir / "stderr.log").open("w") as stderr:
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True
@@ -271,7 +271,7 @@ def matches_of(server: Server, code: str, user_id: str) -> list[str]:
 
 def mint_attendee_token(server: Server, user_id: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "core.cli", "token", "--role", "attendee", "--sub", user_id],
+        [sys.executable, "-m", "tooling.cli", "token", "--role", "attendee", "--sub", user_id],
         cwd=ROOT,
         env=server.env,
         capture_output=True,

@@ -24,7 +24,7 @@ import core.settings
 import handlers.api
 import handlers.matchmaker
 import handlers.redrive
-from core.repository import Conn
+from core.data.repository import Conn
 
 EVENTS_API = Path(__file__).resolve().parents[2] / "events" / "api"
 

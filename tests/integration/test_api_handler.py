@@ -25,15 +25,12 @@ from psycopg.rows import dict_row
 
 import core.settings
 import handlers.api
-from core import repository as repo
-from core.embedder import LocalEmbedder
-from core.importer import import_profiles
-from core.models import EventIn, Profile
-from core.oracle import verify_event
-from core.repository import Conn, EventRecord
+from core.data import repository as repo
+from core.data.repository import Conn
+from core.embedding.local import LocalEmbedder
+from core.models import EventIn, EventRecord, Profile
+from core.queue.worker import Matchmaker, WorkerReport, default_embedder
 from core.settings import Settings
-from core.synthetic import generate_profiles
-from core.worker import Matchmaker, WorkerReport, default_embedder
 from handlers.api import MAX_BODY_BYTES, openapi_document
 from tests.helpers import PoisonEmbedder, add_attendees, lists_of, queue_rows
 from tests.integration.api_support import (
@@ -58,6 +55,9 @@ from tests.integration.api_support import (
     snapshot,
     without_authorizer,
 )
+from tooling.local_runs import import_profiles
+from tooling.oracle import verify_event
+from tooling.synthetic import generate_profiles
 
 pytestmark = pytest.mark.filterwarnings("ignore:No application metrics to publish:UserWarning")
 

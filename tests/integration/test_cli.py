@@ -16,8 +16,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from core.synthetic import generate_profiles
 from tests.conftest import database_uri
+from tooling.synthetic import generate_profiles
 
 EVENT = "cli-ev"
 ATTENDEES = 60
@@ -25,9 +25,9 @@ K = 3
 
 
 def cli(db_url: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run `python -m core.cli ARGS` against db_url; never raises on a non-zero exit."""
+    """Run `python -m tooling.cli ARGS` against db_url; never raises on a non-zero exit."""
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", *args],
+        [sys.executable, "-m", "tooling.cli", *args],
         env={**os.environ, "DATABASE_URL": db_url},
         cwd=cwd,
         capture_output=True,

@@ -8,14 +8,15 @@ import time
 import pytest
 from pydantic import SecretStr
 
-from core import repository as repo
-from core.embedder import LocalEmbedder
-from core.oracle import verify_event
-from core.repository import Conn, EventRecord
+from core.data import repository as repo
+from core.data.repository import Conn
+from core.embedding.local import LocalEmbedder
+from core.models import EventRecord
+from core.queue.worker import Matchmaker
 from core.settings import Settings
-from core.synthetic import generate_profiles
-from core.worker import Matchmaker
 from tests.helpers import add_attendees, queue_rows
+from tooling.oracle import verify_event
+from tooling.synthetic import generate_profiles
 
 pytest_plugins = ("tests.fake_openai",)
 

@@ -11,15 +11,14 @@ import pytest
 from psycopg.rows import dict_row
 from pydantic import ValidationError
 
-from core import repository as repo
-from core.importer import import_file, import_profiles
+from core.data import repository as repo
+from core.data.repository import Conn
 from core.models import EventIn, EventSettings
-from core.repository import Conn
-from core.runner import drain
+from core.queue.worker import Matchmaker
 from core.settings import Settings
-from core.worker import Matchmaker
 from tests.conftest import profile
 from tests.helpers import queue_rows
+from tooling.local_runs import drain, import_file, import_profiles
 
 CSV_HEADER = "user_id,name,company,title,bio,interests,seeking,offering\n"
 # Tables an import (or its triggers) may write to.

@@ -1,4 +1,4 @@
-"""Invariants of DESIGN.md §3 under random histories, checked against the brute-force oracle.
+"""The invariants of docs/architecture.md under random histories, against the oracle.
 
 Random sequences of join / profile edit / name-only edit / leave / rejoin / dismiss, with
 partial drains by two workers (each with its own in-memory cache) in between; then a full
@@ -16,13 +16,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core import engine
-from core import repository as repo
-from core.models import EventIn, EventSettings, Profile
-from core.oracle import verify_event
-from core.repository import Conn, EventRecord
-from core.worker import Matchmaker, StartedBatch, default_embedder
+from core.data import repository as repo
+from core.data.repository import Conn
+from core.matching import engine, screening
+from core.models import EventIn, EventRecord, EventSettings, Profile
+from core.queue.worker import Matchmaker, StartedBatch, default_embedder
 from tests.helpers import add_attendees, lists_of
+from tooling.oracle import verify_event
 
 USERS = 10
 VOCAB = [
@@ -170,23 +170,27 @@ def apply(
     k=st.integers(1, 3),
     exclude_same_company=st.booleans(),
     chunk_elements=st.sampled_from([1, 7, 40, engine.CHUNK_ELEMENTS]),
-    screening=st.sampled_from(
-        [(1, 1, 0), (3, 2, 0), (engine.SCREEN_SAMPLE, engine.WIDE_TIE, engine.EXACT_CHUNK_ROWS)]
+    screening_limits=st.sampled_from(
+        [
+            (1, 1, 0),
+            (3, 2, 0),
+            (screening.SCREEN_SAMPLE, screening.WIDE_TIE, engine.EXACT_CHUNK_ROWS),
+        ]
     ),
 )
 def test_random_histories_end_exact_and_stable(
-    conn, settings, initial, ops, k, exclude_same_company, chunk_elements, screening
+    conn, settings, initial, ops, k, exclude_same_company, chunk_elements, screening_limits
 ):
     """An initial crowd is matched, then a random history happens; at the end every list
     equals the oracle's, and re-matching everyone (warm or cold cache) rewrites nothing.
     Small chunk sizes make the engine score batches in many chunks (as it does at scale);
     small screening samples make its first thresholds loose, a small WIDE_TIE sends rows
     to the exact full-row path, and EXACT_CHUNK_ROWS 0 screens even one-row chunks."""
-    sample, wide_tie, exact_rows = screening
+    sample, wide_tie, exact_rows = screening_limits
     with (
         mock.patch.object(engine, "CHUNK_ELEMENTS", chunk_elements),
-        mock.patch.object(engine, "SCREEN_SAMPLE", sample),
-        mock.patch.object(engine, "WIDE_TIE", wide_tie),
+        mock.patch.object(screening, "SCREEN_SAMPLE", sample),
+        mock.patch.object(screening, "WIDE_TIE", wide_tie),
         mock.patch.object(engine, "EXACT_CHUNK_ROWS", exact_rows),
     ):
         check_random_history(conn, settings, initial, ops, k, exclude_same_company)

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from core.migrations import (
+from core.data.migrations import (
     MIGRATION_LOCK_KEY,
     MigrationError,
     MigrationReport,

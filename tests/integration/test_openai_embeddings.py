@@ -14,18 +14,20 @@ import openai
 import pytest
 from pydantic import SecretStr
 
-from core import openai_embedder as oe
-from core import repository as repo
-from core.embedder import BLOCKS, LocalEmbedder, quantize_blocks
-from core.embedding import embedder_for_event
-from core.models import Profile
-from core.openai_embedder import EmbeddingError, OpenAIEmbedder, profile_texts
-from core.oracle import verify_event
-from core.repository import Conn, EventRecord
+from core.data import repository as repo
+from core.data.repository import Conn
+from core.embedding import openai_provider as oe
+from core.embedding.errors import EmbeddingError
+from core.embedding.local import LocalEmbedder
+from core.embedding.openai_provider import OpenAIEmbedder, profile_texts
+from core.embedding.selection import embedder_for_event
+from core.embedding.vectors import BLOCKS, quantize_blocks
+from core.models import EventRecord, Profile
+from core.queue.worker import Matchmaker
 from core.settings import Settings
-from core.synthetic import generate_profiles
-from core.worker import Matchmaker
 from tests.helpers import add_attendees, lists_of, queue_rows
+from tooling.oracle import verify_event
+from tooling.synthetic import generate_profiles
 
 if TYPE_CHECKING:
     from tests.fake_openai import FakeOpenAI

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from psycopg.rows import dict_row
 
-from core import repository as repo
-from core.db import connect
-from core.repository import Conn
+from core.data import repository as repo
+from core.data.connections import connect
+from core.data.repository import Conn
 from tests.conftest import profile
 from tests.helpers import add_attendees, queue_rows
 

@@ -1,4 +1,4 @@
-from core import repository as repo
+from core.data import repository as repo
 from tests.conftest import profile
 from tests.helpers import add_attendees, queue_rows
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from core import repository as repo
-from core.repository import Conn, EventRecord
+from core.data import repository as repo
+from core.data.repository import Conn
+from core.models import EventRecord
 from tests.conftest import profile
 from tests.helpers import add_attendees, lists_of, queue_rows
 

@@ -10,15 +10,14 @@ import numpy.typing as npt
 import psycopg
 import pytest
 
-from core import repository as repo
-from core.embedder import LocalEmbedder
-from core.engine import EventState
-from core.models import EventIn, EventSettings, Profile
-from core.oracle import verify_event
-from core.repository import EventRecord
-from core.synthetic import generate_profiles
-from core.worker import Matchmaker, default_embedder, run_worker
+from core.data import repository as repo
+from core.embedding.local import LocalEmbedder
+from core.matching.engine import EventState
+from core.models import EventIn, EventRecord, EventSettings, Profile
+from core.queue.worker import Matchmaker, default_embedder, run_worker
 from tests.helpers import PoisonEmbedder, add_attendees, lists_of, queue_rows
+from tooling.oracle import verify_event
+from tooling.synthetic import generate_profiles
 
 
 class SlowEmbedder(LocalEmbedder):
@@ -236,7 +235,7 @@ def test_a_deadlocked_batch_is_retried_then_failed_never_stranded(
         assert (batch.completed, batch.failed, rows) == (12, 0, [])
         assert_exact(conn, event)
     else:
-        assert calls["n"] == 3  # CONFLICT_RETRIES
+        assert calls["n"] == 3  # CONFLICT_ATTEMPTS
         assert (batch.completed, batch.failed) == (0, 12)
         assert {(r["status"], r["attempts"]) for r in rows} == {("pending", 1)}
         assert all("DeadlockDetected" in r["last_error"] for r in rows)

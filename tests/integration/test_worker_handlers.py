@@ -26,15 +26,15 @@ import core.settings
 import handlers.matchmaker
 import handlers.migrate
 import handlers.redrive
-from core import repository as repo
-from core.migrations import default_migrations_dir, discover
-from core.oracle import verify_event
-from core.synthetic import generate_profiles
-from core.worker import Matchmaker, default_embedder
+from core.data import repository as repo
+from core.data.migrations import default_migrations_dir, discover
+from core.queue.worker import Matchmaker, default_embedder
 from handlers.api import openapi_document
 from tests.conftest import database_uri
 from tests.helpers import PoisonEmbedder, add_attendees, queue_rows
 from tests.integration.api_support import AWS_ENV, database_behind_secrets, reset_handler_state
+from tooling.oracle import verify_event
+from tooling.synthetic import generate_profiles
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
 

@@ -3,7 +3,7 @@ joining, editing their profiles, leaving and dismissing suggestions.
 
 Each worker is its own OS process with its own connection (as concurrent Lambda
 invocations would be), all claiming from the same event. The test process plays the API:
-every edit is one transaction, exactly as core.service applies it.
+every edit is one transaction, exactly as core.api.service applies it.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from typing import Any
 import psycopg
 import pytest
 
-from core import repository as repo
-from core.embedding import embedder_for_event
+from core.data import repository as repo
+from core.data.repository import Conn
+from core.embedding.selection import embedder_for_event
 from core.models import Profile
-from core.oracle import verify_event
-from core.repository import Conn
+from core.queue.worker import Matchmaker, run_worker
 from core.settings import Settings
-from core.synthetic import generate_profiles
-from core.worker import Matchmaker, run_worker
 from tests.helpers import add_attendees
+from tooling.oracle import verify_event
+from tooling.synthetic import generate_profiles
 
 pytestmark = pytest.mark.reliability
 
@@ -47,9 +47,9 @@ WORKER_EXIT_TIMEOUT_S = 120.0
 WORKER_SCRIPT = r"""
 import json, sys, time
 from pathlib import Path
-from core.db import connect
+from core.data.connections import connect
 from core.settings import Settings
-from core.worker import Matchmaker, run_worker
+from core.queue.worker import Matchmaker, run_worker
 
 stop, name = Path(sys.argv[1]), sys.argv[2]
 settings = Settings()

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from core.embedding import embedder_for_event
-from core.repository import Conn
+from core.data.repository import Conn
+from core.embedding.selection import embedder_for_event
+from core.queue.worker import Matchmaker, run_worker
 from core.settings import Settings
-from core.synthetic import generate_profiles
-from core.worker import Matchmaker, run_worker
 from tests.helpers import add_attendees, assert_completed_once_and_exact
+from tooling.synthetic import generate_profiles
 
 pytestmark = pytest.mark.reliability
 
@@ -167,7 +167,7 @@ def test_sigkilled_workers_lose_nothing_and_every_killed_lease_counts_an_attempt
         log = tmp_path / f"worker-{starts}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "core.cli", "run", "--quiet"],
+                [sys.executable, "-m", "tooling.cli", "run", "--quiet"],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

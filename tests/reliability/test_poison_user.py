@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from core import repository as repo
-from core.embedding import embedder_for_event
+from core.data import repository as repo
+from core.data.repository import Conn
+from core.embedding.openai_provider import profile_texts
+from core.embedding.selection import embedder_for_event
 from core.models import Profile
-from core.openai_embedder import profile_texts
-from core.oracle import verify_event
-from core.repository import Conn
-from core.synthetic import generate_profiles
 from tests.helpers import add_attendees, lists_of, queue_rows
 from tests.reliability.lambda_stack import Stack, lambda_stack
+from tooling.oracle import verify_event
+from tooling.synthetic import generate_profiles
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -17,15 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from core import openai_embedder as oe
-from core import repository as repo
-from core.embedding import embedder_for_event
-from core.openai_embedder import OpenAIEmbedder
-from core.oracle import verify_event
-from core.repository import Conn, EventRecord
-from core.synthetic import generate_profiles
+from core.data import repository as repo
+from core.data.repository import Conn
+from core.embedding import openai_provider as oe
+from core.embedding.openai_provider import OpenAIEmbedder
+from core.embedding.selection import embedder_for_event
+from core.models import EventRecord
 from tests.helpers import add_attendees, lists_of, queue_rows
 from tests.reliability.lambda_stack import OPENAI_KEY, Stack, lambda_stack
+from tooling.oracle import verify_event
+from tooling.synthetic import generate_profiles
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

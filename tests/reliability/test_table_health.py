@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from core import repository as repo
-from core.repository import Conn
+from core.data import repository as repo
+from core.data.repository import Conn
 from tests.integration.test_queue import (
     CLAIM_INDEX,
     event_scan_query,

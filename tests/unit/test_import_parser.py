@@ -1,4 +1,4 @@
-"""Unit tests for core.import_parser: parsing, validation and line-numbered errors."""
+"""Unit tests for tooling.attendee_files: parsing, validation and line-numbered errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from core.import_parser import (
+from core.models import Profile
+from tooling.attendee_files import (
     MAX_LINE_BYTES,
     ImportFormatError,
     ParsedImport,
@@ -18,7 +19,6 @@ from core.import_parser import (
     parse_import_file,
     parse_import_text,
 )
-from core.models import Profile
 
 CSV_HEADER = "user_id,name,company,title,bio,interests,seeking,offering\n"
 

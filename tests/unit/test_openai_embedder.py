@@ -16,12 +16,12 @@ import openai
 import pytest
 from pydantic import SecretStr
 
-from core import embedding
-from core import openai_embedder as oe
-from core.embedder import BLOCKS, LocalEmbedder
-from core.models import EventSettings, Profile
-from core.openai_embedder import OpenAIEmbedder, profile_texts
-from core.repository import EventRecord
+from core.embedding import openai_provider as oe
+from core.embedding import selection as embedding
+from core.embedding.local import LocalEmbedder
+from core.embedding.openai_provider import OpenAIEmbedder, profile_texts
+from core.embedding.vectors import BLOCKS
+from core.models import EventRecord, EventSettings, Profile
 from core.settings import Settings
 
 if TYPE_CHECKING:

@@ -7,9 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from core.embedder import LocalEmbedder
-from core.models import MatchWeights, Profile
-from core.scoring import (
+from core.embedding.local import LocalEmbedder
+from core.matching.scoring import (
     EXCLUDED,
     NO_MATCH,
     Coefficients,
@@ -18,7 +17,8 @@ from core.scoring import (
     to_blocks,
     top_k,
 )
-from core.synthetic import generate_profiles
+from core.models import MatchWeights, Profile
+from tooling.synthetic import generate_profiles
 
 
 def brute_top_k(row: np.ndarray, id_rank: np.ndarray, k: int) -> list[int]:

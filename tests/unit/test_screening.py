@@ -1,4 +1,4 @@
-"""Screened top-k (core.engine): approximate scores pick the candidates, exact scores
+"""Screened top-k (core.matching.engine): approximate scores pick the candidates, exact scores
 decide. Checked against a brute-force sort of exact scores on vectors made for near-ties:
 score gaps far below the float32 error of the approximate product, wide exact ties, and
 exclusions, with thresholds from samples of every size."""
@@ -12,11 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core import engine
-from core.engine import EventState
-from core.models import EventSettings, MatchWeights
-from core.repository import EventRecord, MemberRow
-from core.scoring import (
+from core.matching import engine, screening
+from core.matching.engine import EventState
+from core.matching.scoring import (
     EXCLUDED,
     NO_MATCH,
     Coefficients,
@@ -26,6 +24,7 @@ from core.scoring import (
     screening_tolerance,
     to_blocks,
 )
+from core.models import EventRecord, EventSettings, MatchWeights, MemberRow
 
 D = 8  # block width of the made-up vectors
 # Components that make near-ties: big values whose products differ by a few units.
@@ -105,8 +104,8 @@ weights_strategy = st.builds(
     n=st.integers(2, 90),
     k=st.integers(1, 5),
     weights=weights_strategy,
-    sample=st.sampled_from([1, 2, 3, 7, engine.SCREEN_SAMPLE]),
-    wide_tie=st.sampled_from([1, 4, engine.WIDE_TIE]),
+    sample=st.sampled_from([1, 2, 3, 7, screening.SCREEN_SAMPLE]),
+    wide_tie=st.sampled_from([1, 4, screening.WIDE_TIE]),
     chunk=st.sampled_from([1, 50, 1_000, engine.CHUNK_ELEMENTS]),  # 1 to all rows a chunk
     exact_rows=st.sampled_from([0, 2, engine.EXACT_CHUNK_ROWS]),
 )
@@ -129,7 +128,7 @@ def test_screened_top_k_equals_a_full_exact_sort(
     everyone = np.arange(n)
     matchable = everyone[state.matchable[:n]]
     with (
-        mock.patch.object(engine, "WIDE_TIE", wide_tie),
+        mock.patch.object(screening, "WIDE_TIE", wide_tie),
         mock.patch.object(engine, "EXACT_CHUNK_ROWS", exact_rows),
     ):
         # Every row against every row (a full rebuild)...
@@ -210,7 +209,7 @@ def near_ties(rng: np.random.Generator, n: int, weights: MatchWeights) -> np.nda
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("sample", [7, engine.SCREEN_SAMPLE])  # a few columns, or all
+@pytest.mark.parametrize("sample", [7, screening.SCREEN_SAMPLE])  # a few columns, or all
 def test_score_gaps_below_float32_resolution_are_ranked_exactly(seed, sample):
     """The approximate product misorders these columns (checked: for some k its top k
     misses a member of the exact top k), yet the lists come out in exact order."""
@@ -250,7 +249,7 @@ def test_id_rank_stays_the_user_id_order_as_rows_arrive(first, later):
     for arrivals in [first, *later]:
         fresh = [u for u in arrivals if u not in seen]
         seen.update(fresh)
-        state._apply_members(
+        state.load_members(
             [
                 MemberRow(len(state.user_ids) + i + 1, u, True, "", [], [], [], None)
                 for i, u in enumerate(fresh)
@@ -320,14 +319,14 @@ def test_colleagues_filling_the_sample_widen_it():
     companies = ["acme" if i < 600 else "" for i in range(n)]
     state = make_state(vectors, companies, 3, MatchWeights(), rng)
     screened_pairs = []
-    real_excluded = EventState._excluded
+    real_excluded = EventState.excluded
 
     def counting(self, a, b):
         screened_pairs.append(np.broadcast(a, b).size)
         return real_excluded(self, a, b)
 
     everyone = np.arange(n)
-    with mock.patch.object(EventState, "_excluded", counting):
+    with mock.patch.object(EventState, "excluded", counting):
         idx, val = state.rank_everyone()
     assert as_lists(state, idx, val) == brute_lists(state, everyone, everyone, set())
     assert sum(screened_pairs) < 0.1 * n * n  # not every acme row's 900 pairs

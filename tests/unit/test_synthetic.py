@@ -1,4 +1,4 @@
-"""Unit tests for core.synthetic (deterministic synthetic attendees)."""
+"""Unit tests for tooling.synthetic (deterministic synthetic attendees)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from core.embedder import BLOCKS, LocalEmbedder
+from core.embedding.local import LocalEmbedder
+from core.embedding.text import phrase_key
+from core.embedding.vectors import BLOCKS
 from core.models import MAX_TAG_CHARS, MAX_TAGS, Profile
-from core.synthetic import COMPANIES, INTEREST_POOL, ROLES, generate_profiles, role_of
-from core.text import phrase_key
+from tooling.synthetic import COMPANIES, INTEREST_POOL, ROLES, generate_profiles, role_of
 
 
 def test_ids_and_count() -> None:

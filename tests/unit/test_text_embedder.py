@@ -1,4 +1,5 @@
-"""Unit tests for core.text (tokenizer, stemmer) and core.embedder (hashing embedder)."""
+"""Unit tests for core.embedding.text (tokenizer, stemmer) and core.embedding.local (the
+hashing embedder)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,11 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
-from core.embedder import (
-    BLOCKS,
-    QUANT_SCALE,
-    LocalEmbedder,
-    assert_exact_range,
-    content_hash,
-)
+from core.embedding.local import LocalEmbedder
+from core.embedding.text import phrase_key, stem, stems, tokenize
+from core.embedding.vectors import BLOCKS, QUANT_SCALE, assert_exact_range, content_hash
 from core.models import Profile
-from core.synthetic import generate_profiles
-from core.text import phrase_key, stem, stems, tokenize
+from tooling.synthetic import generate_profiles
 
 BLOCK_DIM = 128
 
@@ -323,7 +319,7 @@ def test_assert_exact_range_rejects_large_blocks() -> None:
 
 
 def test_float32_complement_sum_is_exact() -> None:
-    # core.scoring adds S_a.O_b + O_a.S_b in float32; embed() keeps each below 2**23.
+    # core.matching.scoring adds S_a.O_b + O_a.S_b in float32; embed() keeps each below 2**23.
     vectors = LocalEmbedder().embed(generate_profiles(600, seed=8))
     a, b = vectors[:300], vectors[300:]
     s_a, o_a = block(a, "seeking"), block(a, "offering")

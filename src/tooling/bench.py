@@ -36,19 +36,24 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from core import repository as repo
-from core.db import connect
-from core.embedder import LocalEmbedder
-from core.engine import CHUNK_ELEMENTS, EventState
-from core.importer import import_profiles
-from core.models import EventIn, EventSettings
-from core.oracle import verify_event
-from core.repository import Conn, EventRecord, MemberRow
-from core.runner import delete_event, delete_profiles_with_prefix, drain, recreate_event
-from core.scoring import EXCLUDED, Coefficients, pair_scores, to_blocks
+from core.data import repository as repo
+from core.data.connections import connect
+from core.data.repository import Conn
+from core.embedding.local import LocalEmbedder
+from core.matching.engine import CHUNK_ELEMENTS, EventState
+from core.matching.scoring import EXCLUDED, Coefficients, pair_scores, to_blocks
+from core.models import EventIn, EventRecord, EventSettings, MemberRow
+from core.queue.worker import Matchmaker
 from core.settings import Settings
-from core.synthetic import generate_profiles
-from core.worker import Matchmaker
+from tooling.local_runs import (
+    delete_event,
+    delete_profiles_with_prefix,
+    drain,
+    import_profiles,
+    recreate_event,
+)
+from tooling.oracle import verify_event
+from tooling.synthetic import generate_profiles
 
 NEWCOMERS = 40
 PEER_SAMPLE = 300

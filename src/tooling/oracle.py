@@ -1,4 +1,5 @@
-"""Brute-force verification of an event's stored lists (DESIGN.md §3, invariants 1 and 2).
+"""Brute-force verification of an event's stored lists (invariants 1 and 2 of
+docs/architecture.md: exact top-k, symmetric scores).
 
 Independent of the engine's incremental path: it reads the current state straight from
 the database, scores every pair in float64 (the dot products of the quantised blocks are
@@ -13,10 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from psycopg.rows import dict_row
 
-from core.embedder import content_hash
-from core.repository import Conn, EventRecord, profile_from_row
-from core.scoring import Coefficients, block_dim, combine
-from core.sql_queries import query
+from core.data.named_sql import query
+from core.data.repository import Conn, profile_from_row
+from core.embedding.vectors import content_hash
+from core.matching.scoring import Coefficients, block_dim, combine
+from core.models import EventRecord
 
 ROW_BLOCK = 512
 

@@ -35,16 +35,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from core import aws, devauth
-from core.db import DatabaseUnavailableError, embedded_server_uri
+from core import aws
+from core.data.connections import DatabaseUnavailableError, embedded_server_uri
 from core.observability import logger
 from core.settings import Settings, get_settings
+from tooling import dev_tokens as devauth
 
 MAX_REQUEST_BYTES = 1024 * 1024  # API Gateway's own limit is higher; ours rejects > 256 KiB
 API_TIMEOUT_MS = 29_000  # the API function's timeout
-API_WORKERS_ENV = "MATCHMAKER_API_WORKERS"
-DEFAULT_API_WORKERS = 8
-MAX_API_WORKERS = 32
 HTTP_THREADS_PER_WORKER = 4  # threads reading requests and writing replies per worker
 SOCKET_TIMEOUT_S = 60.0  # a client that stalls mid-request frees its thread
 WORKER_START_TIMEOUT_S = 60.0
@@ -108,18 +106,6 @@ def api_event(
         "body": body.decode("utf-8", errors="replace") if body else None,
         "isBase64Encoded": False,
     }
-
-
-def api_workers_from_env() -> int:
-    """MATCHMAKER_API_WORKERS: how many requests run at once (1 is the old serial server)."""
-    raw = os.environ.get(API_WORKERS_ENV, "").strip()
-    try:
-        workers = int(raw) if raw else DEFAULT_API_WORKERS
-    except ValueError:
-        raise ValueError(f"{API_WORKERS_ENV} must be a whole number, not {raw!r}") from None
-    if not 1 <= workers <= MAX_API_WORKERS:
-        raise ValueError(f"{API_WORKERS_ENV} must be between 1 and {MAX_API_WORKERS}")
-    return workers
 
 
 # --- inside an API worker process ----------------------------------------------------------
@@ -316,7 +302,7 @@ class LocalStack:
         self.secret = devauth.load_secret(
             secret_path or settings.pgdata.parent / "dev-token-secret"
         )
-        self.api_workers = api_workers or api_workers_from_env()
+        self.api_workers = api_workers or get_settings().api_workers
         self.moto: Any = None
         self.http: PooledHTTPServer | None = None
         self.scheduler: Scheduler | None = None
@@ -332,7 +318,7 @@ class LocalStack:
         os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
         self._start_sqs()
         # The handlers read settings and the database from here on.
-        from core.runner import open_database  # noqa: PLC0415 - after the environment is set
+        from tooling.local_runs import open_database  # noqa: PLC0415 - after the environment is set
 
         get_settings.cache_clear()
         settings = get_settings()

@@ -5,20 +5,19 @@ configured, the local embedder otherwise. All vectors of an event come from one 
 from __future__ import annotations
 
 from functools import cache
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-import openai
 from aws_lambda_powertools.utilities import parameters
 
-from core.embedder import LocalEmbedder
-from core.icebreakers import IcebreakerWriter
-from core.models import Profile
+from core.embedding.local import LocalEmbedder
+from core.models import EventRecord, Profile
 from core.observability import logger
-from core.openai_embedder import OpenAIEmbedder
-from core.repository import EventRecord
 from core.settings import Settings
+
+if TYPE_CHECKING:
+    import openai
 
 
 class Embedder(Protocol):
@@ -52,29 +51,22 @@ def openai_api_key(settings: Settings) -> str | None:
 
 
 @cache
-def _client(api_key: str, base_url: str | None) -> openai.OpenAI:
+def openai_client(api_key: str, base_url: str | None) -> openai.OpenAI:
+    # Imported here: the SDK costs ~0.5 s at cold start, and only OpenAI events need it.
+    import openai  # noqa: PLC0415
+
     # Retries are ours (they honour the run's deadline), so the client's are off.
     return openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=0)
-
-
-def icebreaker_writer(settings: Settings) -> IcebreakerWriter | None:
-    """A writer for events that want icebreakers, or None without an OpenAI key."""
-    key = openai_api_key(settings)
-    if not key:
-        return None
-    return IcebreakerWriter(
-        _client(key, settings.openai_base_url),
-        settings.openai_chat_model,
-        settings.icebreakers_per_run,
-    )
 
 
 def embedder_for_event(event: EventRecord, settings: Settings) -> Embedder:
     if event.settings.embedder == "openai":
         key = openai_api_key(settings)
         if key:
+            from core.embedding.openai_provider import OpenAIEmbedder  # noqa: PLC0415
+
             return OpenAIEmbedder(
-                _client(key, settings.openai_base_url),
+                openai_client(key, settings.openai_base_url),
                 model=settings.openai_embedding_model,
                 dimensions=settings.openai_embedding_dimensions,
             )

@@ -69,7 +69,15 @@ def create_database_if_missing(server_uri: str, database: str) -> None:
 
 def resolve_database_url(settings: Settings) -> str:
     """DATABASE_URL; else credentials from Secrets Manager (DB_SECRET_ARN, the AWS stack);
-    else the embedded server."""
+    else the embedded server. A deployed function uses DB_SECRET_ARN only: DATABASE_URL
+    is for local runs and `sam local invoke`, and the artifact holds no embedded server."""
+    if settings.deployed:
+        if not settings.db_secret_arn:
+            raise DatabaseUnavailableError(
+                "DB_SECRET_ARN is not set: a deployed function reads its database "
+                "credentials from Secrets Manager (DATABASE_URL is for local runs only)"
+            )
+        return _url_from_secret(settings)
     if settings.database_url is not None:
         return settings.database_url.get_secret_value()
     if settings.db_secret_arn:
@@ -92,15 +100,6 @@ def _url_from_secret(settings: Settings) -> str:
         user=str(secret["username"]),
         password=str(secret["password"]),
     )
-
-
-# A transaction rolled back by the server because of concurrent ones (deadlock,
-# serialization failure): nothing was written, and running it again is the cure.
-CONFLICT_ERRORS: tuple[type[psycopg.Error], ...] = (
-    psycopg.errors.DeadlockDetected,
-    psycopg.errors.SerializationFailure,
-    psycopg.errors.TransactionRollback,
-)
 
 
 class ConnectionCache:

@@ -2,7 +2,7 @@
 
 Standard library only, no network and no downloaded models, so the same input gives the
 same stems on every machine and every run. Any change here that alters output must bump
-``core.embedder.EMBEDDER_VERSION``: stored embeddings are keyed by it.
+``core.embedding.local.EMBEDDER_VERSION``: stored embeddings are keyed by it.
 """
 
 from __future__ import annotations

@@ -1,213 +1,47 @@
 """Operations behind the HTTP API (and the local server): typed in, typed out, domain errors.
 
 Handlers authenticate and parse; this module authorises and does the work; the data
-layer (core.repository) talks to PostgreSQL.
+layer (core.data.repository) talks to PostgreSQL. The legacy synchronous trigger is the
+only operation that matches in-process: it imports the worker (numpy, and openai for
+OpenAI events) when it runs, so that no other request pays for them at cold start.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, Field
-
-from core import repository as repo
-from core.models import (
-    AttendeeMatches,
-    EventIn,
-    EventSettings,
-    Match,
-    MatchWeights,
-    Profile,
-    ProfileFields,
-    StrictModel,
-    UserId,
+from core.api.errors import (
+    ConflictError,
+    DomainError,
+    MatchingTimeoutError,
+    NotFoundError,
+    TooLargeError,
 )
-from core.repository import Conn, EventRecord
+from core.api.principals import Principal
+from core.api.schemas import (
+    AttendeeIn,
+    AttendeeOut,
+    DeadLetterOut,
+    DismissIn,
+    EnqueueOut,
+    EventOut,
+    RedriveOut,
+    SettingsPatch,
+    StartIn,
+    StatusOut,
+    TriggerIn,
+)
+from core.data import repository as repo
+from core.data.repository import Conn
+from core.models import AttendeeMatches, EventIn, EventRecord, Match
 from core.settings import Settings
-from core.worker import Matchmaker, WorkerReport, run_worker
 
-Role = Literal["admin", "service", "attendee"]
+if TYPE_CHECKING:
+    from core.queue.worker import WorkerReport
+
 SYNC_POLL_S = 0.1
-ADMIN_SCOPE = "matchmaker/admin"
-SERVICE_SCOPE = "matchmaker/service"
-
-
-# --- errors ------------------------------------------------------------------------------
-
-
-class DomainError(Exception):
-    status = 400
-    code = "bad_request"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class NotFoundError(DomainError):
-    status, code = 404, "not_found"
-
-
-class ForbiddenError(DomainError):
-    status, code = 403, "forbidden"
-
-
-class UnauthorizedError(DomainError):
-    status, code = 401, "unauthorized"
-
-
-class ConflictError(DomainError):
-    status, code = 409, "conflict"
-
-
-class TooLargeError(DomainError):
-    status, code = 413, "too_large"
-
-
-class MatchingTimeoutError(DomainError):
-    status, code = 503, "timeout"
-
-
-# --- who is calling ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Principal:
-    """The authenticated caller, from the API Gateway JWT authorizer context.
-
-    admin: operators (scope matchmaker/admin); service: the event app's backend (scope
-    matchmaker/service); attendee: an end user whose token subject is their user_id.
-    """
-
-    subject: str
-    role: Role
-
-    @classmethod
-    def from_claims(cls, claims: dict[str, Any] | None, scopes: list[str] | None) -> Principal:
-        if not claims or not claims.get("sub"):
-            raise UnauthorizedError("missing or invalid authorization")
-        granted = set(scopes or []) | set(str(claims.get("scope", "")).split())
-        role: Role = (
-            "admin"
-            if ADMIN_SCOPE in granted
-            else "service"
-            if SERVICE_SCOPE in granted
-            else "attendee"
-        )
-        return cls(str(claims["sub"]), role)
-
-    def require_admin(self) -> None:
-        if self.role != "admin":
-            raise ForbiddenError("this route needs an admin principal")
-
-    def require_service(self) -> None:
-        if self.role not in ("admin", "service"):
-            raise ForbiddenError("this route needs a service or admin principal")
-
-    def require_self_or_service(self, user_id: str) -> None:
-        if self.role == "attendee" and self.subject != user_id:
-            raise ForbiddenError("attendees can only act on their own matches")
-
-
-# --- inputs and outputs ------------------------------------------------------------------
-
-
-class AttendeeIn(ProfileFields):
-    """A profile without its user_id (that comes from the path)."""
-
-    def to_profile(self, user_id: str) -> Profile:
-        return Profile(user_id=user_id, **self.model_dump())
-
-
-class DismissIn(StrictModel):
-    dismissed_user_id: UserId
-
-
-class TriggerIn(StrictModel):
-    """The original trigger-matchmaking body: queue by default, legacy synchronous mode."""
-
-    useQueue: bool = True  # noqa: N815 - the legacy API's field name
-    user_ids: Annotated[list[UserId], Field(max_length=1000)] | None = None
-
-
-class StartIn(StrictModel):
-    """The original admin-start-matching body."""
-
-    mode: Literal["unmatched", "everyone"] = "unmatched"
-    priority: Annotated[int, Field(ge=0, le=3)] = 0
-
-
-class SettingsPatch(StrictModel):
-    """Admin change of an event's matching settings; omitted fields keep their value.
-    Any change re-queues the whole event (k, weights, exclusions and the embedder change
-    every list), and a new embedder re-embeds everyone."""
-
-    k: Annotated[int, Field(ge=1, le=10)] | None = None
-    exclude_same_company: bool | None = None
-    weights: MatchWeights | None = None
-    embedder: Literal["local", "openai"] | None = None
-    icebreakers: bool | None = None
-
-
-class EventOut(BaseModel):
-    code: str
-    name: str
-    settings: EventSettings
-    attendees: int
-    created: bool = False
-
-
-class AttendeeOut(BaseModel):
-    event: str
-    user_id: str
-    status: Literal["joined", "updated", "unchanged"]
-
-
-class EnqueueOut(BaseModel):
-    event: str
-    queued: int
-    mode: Literal["queue", "sync"]
-    invoked: bool
-    matched: int | None = None
-
-
-class StatusOut(BaseModel):
-    event: str
-    job_status: str
-    attendees_active: int
-    attendees_with_matches: int
-    pending_by_priority: dict[str, int]
-    running: int
-    done: int
-    failed: int
-    dead: int
-    oldest_pending_age_s: float | None
-    throughput_per_min_5m: float
-    throughput_per_min_60m: float
-    last_run_at: datetime | None
-    last_error: str | None
-    last_error_at: datetime | None
-    dead_letter_queue_depth: int | None
-
-
-class DeadLetterOut(BaseModel):
-    user_id: str
-    attempts: int
-    last_error: str | None
-    dead_at: datetime | None
-
-
-class RedriveOut(BaseModel):
-    event: str
-    requeued: int
-    invoked: bool
-
-
-# --- operations --------------------------------------------------------------------------
 
 Invoker = Callable[[str], bool]  # async-invoke the matchmaker for an event; True if sent
 
@@ -327,6 +161,8 @@ def trigger(
 def _match_now(conn: Conn, settings: Settings, event: EventRecord, deadline: float) -> WorkerReport:
     """Match the event before answering. Rows another worker is processing (the schedule)
     or that wait out a retry are waited for: 'drained' for this worker is not enough."""
+    from core.queue.worker import Matchmaker, run_worker  # noqa: PLC0415 - cold start
+
     worker = Matchmaker(settings)
     completed = 0
     while True:
@@ -430,10 +266,3 @@ def redrive(conn: Conn, principal: Principal, code: str, invoke: Invoker) -> Red
     event = _event(conn, code)
     requeued = repo.redrive_dead(conn, event.id, None)
     return RedriveOut(event=code, requeued=requeued, invoked=invoke(code) if requeued else False)
-
-
-def monotonic_deadline(remaining_ms: int, max_runtime_ms: int, safety_ms: int) -> float:
-    """The worker's deadline: the configured runtime, but never closer than safety_ms to
-    the Lambda's own time limit."""
-    budget_ms = max(0, min(max_runtime_ms, remaining_ms - safety_ms))
-    return time.monotonic() + budget_ms / 1000

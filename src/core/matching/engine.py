@@ -1,8 +1,9 @@
 """Exact incremental top-k for one event, kept in memory between batches.
 
-An EventState holds the event's vectors, exclusions and current lists as numpy arrays.
-It is refreshed incrementally from the database (by transaction-id watermark), so a warm
-worker does not reload 10,000 vectors per batch.
+An EventState holds the event's vectors, exclusions and current lists as numpy arrays. It
+never touches the database: core.queue.loader feeds it the members, dismissals and lists
+that changed (by transaction-id watermark), so a warm worker does not reload 10,000
+vectors per batch.
 
 Processing a batch A of users (their vectors just became current), in two halves:
 1. prepare (no lock needed): score A against everyone, chunk by chunk; each user's new
@@ -15,9 +16,9 @@ Processing a batch A of users (their vectors just became current), in two halves
    in full. This is the bump rule, and it keeps lists exact: a pair not involving A did
    not change score, so nobody outside (old list + A) can enter v's top-k.
 
-Top-k among many columns is found by screening (EventState._screen): approximate float32
-scores of a whole chunk, from one product, pick the few columns that can be in a row's
-top k (with a proven error margin), and only those are scored exactly.
+Top-k among many columns is found by screening (core.matching.screening): approximate
+float32 scores of a whole chunk, from one product, pick the few columns that can be in a
+row's top k (with a proven error margin), and only those are scored exactly.
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from core import repository as repo
-from core.reasons import TagProfile, explain
-from core.repository import Conn, EventRecord, ListEntry, MemberRow
-from core.scoring import (
+from core.matching import screening
+from core.matching.reasons import TagProfile, explain
+from core.matching.scoring import (
     EXCLUDED,
     NO_MATCH,
     Coefficients,
@@ -47,6 +47,7 @@ from core.scoring import (
     screening_tolerance,
     top_k,
 )
+from core.models import EventRecord, ListEntry, MemberRow
 
 NO_COMPANY = -1
 # Score against every row (a slice) once this share of rows is matchable.
@@ -56,11 +57,6 @@ DENSE_FRACTION = 0.6
 CHUNK_ELEMENTS = 1 << 22
 # Refreshes remembered for batches prepared earlier; an older one is prepared again.
 CHANGE_LOG_LENGTH = 256
-# Screening (see EventState._screen): the k-th best approximate score among this many
-# columns is each row's first threshold; a row left with more candidates than
-# WIDE_TIE (many equal scores, e.g. an empty profile) is scored exactly in full instead.
-SCREEN_SAMPLE = 512
-WIDE_TIE = 64
 # New rows ranked by user_id one by one; more are ranked by a sort of the event.
 RANK_INSERTIONS = 64
 # A chunk of at most this many rows is scored exactly (see prepare).
@@ -125,11 +121,13 @@ class EventState:
         # id_rank of the first rows (those since are ranked on demand) and their ids sorted
         self._id_rank = np.zeros(0, dtype=np.int64)
         self._sorted_ids: list[str] = []
+        # Where the loader's last refresh stopped (core.queue.loader keeps them): the
+        # transaction-id watermark of member changes and the stored lists' version.
         self.watermark: int | None = None
         self.lists_version = -1
         self.stale_rows: set[int] = set()  # stored lists to rewrite whatever happens
         self.chunk_elements = CHUNK_ELEMENTS
-        self.screen_sample = SCREEN_SAMPLE
+        self.screen_sample = screening.SCREEN_SAMPLE
         # (refresh number, rows it reported): what changed since a batch was prepared
         self.refreshes = 0
         self.change_log: list[tuple[int, set[int]]] = []
@@ -141,38 +139,26 @@ class EventState:
         """A state built from member rows in hand, without a database (the benchmark's
         matching core, tests)."""
         state = cls(event, embedder_key, width)
-        state._apply_members(members)
+        state.load_members(members)
         return state
 
     # --- loading -------------------------------------------------------------------------
 
-    def refresh(self, conn: Conn) -> set[int]:
-        """Bring the state up to date; return the rows whose data may have changed.
-
-        Without the event lock this gives a snapshot to prepare a batch on; with it, the
-        state every list is written from (lists are reloaded when another worker wrote).
-        """
-        # Read the watermark first: the queries below run on later snapshots, so every
-        # transaction below this xmin is visible to them, and later ones are re-read next time.
-        xmin = repo.snapshot_xmin(conn)
-        changed = self._apply_members(
-            repo.member_rows(conn, self.event.id, self.embedder_key, self.watermark)
-        )
-        for a, b in repo.dismissal_pairs(conn, self.event.id, self.watermark or 0):
+    def update(self, members: list[MemberRow], dismissals: list[tuple[int, int]]) -> set[int]:
+        """Take in changed members and new dismissals (pairs of profile ids), as one
+        refresh; return the rows whose data may have changed (core.queue.loader reads
+        them from the database)."""
+        changed = self.load_members(members)
+        for a, b in dismissals:
             ra, rb = self.row_of.get(a), self.row_of.get(b)
             if ra is not None and rb is not None:
                 self.dismissed.setdefault(ra, set()).add(rb)
                 self.dismissed.setdefault(rb, set()).add(ra)
                 changed.update((ra, rb))
                 self._dismissed_keys = None
-        self.watermark = xmin
         self.refreshes += 1
         self.change_log.append((self.refreshes, changed))
         del self.change_log[:-CHANGE_LOG_LENGTH]
-        version = repo.lists_version(conn, self.event.id)
-        if version != self.lists_version:
-            self._load_lists(repo.event_lists(conn, self.event.id))
-            self.lists_version = version
         return changed
 
     def _grow(self, needed: int) -> None:
@@ -205,7 +191,7 @@ class EventState:
             self.row_of[profile_id] = row
         return row
 
-    def _apply_members(self, members: list[MemberRow]) -> set[int]:
+    def load_members(self, members: list[MemberRow]) -> set[int]:
         """Take in changed members; vectors are copied into the blocks in one go."""
         rows = []
         vector_rows, vectors = [], []
@@ -241,7 +227,7 @@ class EventState:
             np.maximum(self.block_norms, norms, out=self.block_norms)
         return set(rows)
 
-    def _load_lists(self, entries: list[tuple[int, int, int, float]]) -> None:
+    def load_lists(self, entries: list[tuple[int, int, int, float]]) -> None:
         self.top_idx[:] = NO_MATCH
         self.top_val[:] = EXCLUDED
         self.stale_rows = set()
@@ -325,9 +311,7 @@ class EventState:
         result: npt.NDArray[np.float32] = query_side(self.vectors[rows], self.coef) @ targets.T
         return result
 
-    def _excluded(
-        self, a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]
-    ) -> npt.NDArray[np.bool_]:
+    def excluded(self, a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
         """Which pairs (a[i], b[i]) may not match: not matchable, oneself, the same
         company (if the event says so), or dismissed."""
         excluded = self._excluded_by_row(a, b)
@@ -335,7 +319,7 @@ class EventState:
             excluded |= np.isin(a * PAIR_KEY + b, self.dismissed_keys)
         return excluded
 
-    def _excluded_block(
+    def excluded_block(
         self, rows: npt.NDArray[np.int64], cols: npt.NDArray[np.int64]
     ) -> npt.NDArray[np.bool_]:
         """_excluded for every pair of rows x cols (cols sorted, as every caller's are):
@@ -361,78 +345,6 @@ class EventState:
             excluded |= (company == self.company[b]) & (company != NO_COMPANY)
         return excluded
 
-    def _screen(
-        self,
-        approx: npt.NDArray[np.float32],
-        rows: npt.NDArray[np.int64],
-        cols: npt.NDArray[np.int64],
-        targets: npt.NDArray[np.float32],
-        floor: FloatMatrix | None = None,
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], FloatMatrix]:
-        """The pairs (position in rows, column) that may be in a row's top k among `cols`,
-        with their exact scores. `approx` holds the rows' approximate scores against cols
-        (within `tol` of the exact ones); `floor`, an exact score each row's top k already
-        reaches elsewhere (lists merged later), or None.
-
-        Why nothing is missed: let A be a row's k-th best approximate score and S its
-        k-th best exact one (exclusions apart). Fewer than k columns score above S
-        exactly, so fewer than k above S + tol approximately: A <= S + tol. A column of
-        the exact top k scores at least S, so approximately at least S - tol >= A - 2tol.
-        The k-th best of any subset of columns is at most A, so it serves as a first
-        threshold that is cheap to find; the k-th best among its survivors is then A.
-        """
-        k, tol = self.k, self.tolerance
-        n_rows, n_cols = approx.shape
-        # The sample: the first matchable columns (a column that cannot match would only
-        # make the threshold useless). A row with fewer than k allowed among them (its
-        # colleagues came first) tries a sample four times larger, and so on.
-        matchable = np.flatnonzero(self.matchable[cols])
-        lower = np.full(n_rows, EXCLUDED)
-        pending, size = np.arange(n_rows), self.screen_sample
-        while pending.size:
-            sampled = matchable[:size]
-            if sampled.size >= k:
-                sample = approx[np.ix_(pending, sampled)].astype(np.float64)
-                sample[self._excluded_block(rows[pending], cols[sampled])] = EXCLUDED
-                kth = np.partition(sample, sampled.size - k, axis=1)[:, sampled.size - k]
-                lower[pending] = kth - 2 * tol
-            if sampled.size == matchable.size:
-                break
-            pending, size = pending[lower[pending] == EXCLUDED], 4 * size
-        if floor is not None:
-            lower = np.maximum(lower, floor - tol)
-        flat = np.flatnonzero(approx >= _float32_below(lower)[:, None])
-        at, col = np.divmod(flat, n_cols)
-        near = approx.reshape(-1)[flat]
-        allowed = ~self._excluded(rows[at], cols[col])
-        at, col, near = at[allowed], col[allowed], near[allowed]
-
-        # The k-th best approximate score among the survivors is the row's own: keep
-        # what is within 2tol of it.
-        order = np.lexsort((-near, at))
-        place = np.arange(at.size) - np.searchsorted(at[order], at[order])
-        kth = np.full(n_rows, EXCLUDED)
-        at_k = order[place == k - 1]
-        kth[at[at_k]] = near[at_k]
-        keep = near >= np.maximum(kth - 2 * tol, lower)[at]
-        at, col = at[keep], col[keep]
-
-        # A wide tie leaves many candidates: such rows are scored exactly in full (cheaper
-        # than pair by pair), the others pair by pair.
-        wide = np.flatnonzero(np.bincount(at, minlength=n_rows) > WIDE_TIE)
-        narrow = ~np.isin(at, wide)
-        at, col = at[narrow], col[narrow]
-        found = cols[col]
-        exact = self.scores_of_pairs(rows[at], found)
-        if wide.size:
-            scores = self._exact_block(rows[wide], cols, targets)
-            best, values = top_k(scores, self.id_rank[cols], k)
-            chosen = best >= 0
-            at = np.concatenate([at, np.repeat(wide, k).reshape(-1, k)[chosen]])
-            found = np.concatenate([found, cols[best[chosen]]])
-            exact = np.concatenate([exact, values[chosen]])
-        return at, found, exact
-
     def _chunks(self, rows: npt.NDArray[np.int64], width: int) -> list[npt.NDArray[np.int64]]:
         """Split rows so that one chunk's score block stays near CHUNK_ELEMENTS."""
         step = max(1, self.chunk_elements // max(width, 1))
@@ -452,7 +364,9 @@ class EventState:
         start = 0
         for chunk in self._chunks(rows, members.size):
             end = start + chunk.size
-            at, found, exact = self._screen(self._approx(chunk, targets), chunk, members, targets)
+            at, found, exact = screening.screen(
+                self, self._approx(chunk, targets), chunk, members, targets
+            )
             idx[start:end], val[start:end] = grouped_top_k(
                 at, found, exact, id_rank, n_groups=chunk.size, k=self.k
             )
@@ -492,8 +406,13 @@ class EventState:
             at, slot = np.nonzero(best >= 0)
             found, exact = chunk[best[at, slot]], values[at, slot]
         else:
-            at, found, exact = self._screen(
-                theirs, others[reach], chunk, self.vectors[chunk], floor=cand_val[reach, k - 1]
+            at, found, exact = screening.screen(
+                self,
+                theirs,
+                others[reach],
+                chunk,
+                self.vectors[chunk],
+                floor=cand_val[reach, k - 1],
             )
         present = np.bincount(at, minlength=reach.size) > 0
         rows = reach[present]
@@ -506,7 +425,7 @@ class EventState:
             k=k,
         )
 
-    def _exact_block(
+    def exact_block(
         self,
         rows: npt.NDArray[np.int64],
         cols: npt.NDArray[np.int64],
@@ -515,7 +434,7 @@ class EventState:
         """Exact scores of rows against cols (targets: their vectors), exclusions set to
         EXCLUDED."""
         scores = pair_scores(self.blocks[:, rows], _as_blocks(targets), self.coef)
-        scores[self._excluded_block(rows, cols)] = EXCLUDED
+        scores[self.excluded_block(rows, cols)] = EXCLUDED
         return scores
 
     def rank_everyone(self) -> tuple[IndexMatrix, FloatMatrix]:
@@ -574,7 +493,7 @@ class EventState:
             if small:
                 # A few rows: exact scores of the whole block cost less than screening,
                 # whose half for the others would score most of their pairs one by one.
-                exact_block = self._exact_block(chunk, cols, targets)
+                exact_block = self.exact_block(chunk, cols, targets)
                 best, values = top_k(exact_block, id_rank[cols], k)
                 prepared.batch_idx[start:end] = np.where(
                     best >= 0, cols[np.maximum(best, 0)], NO_MATCH
@@ -583,7 +502,7 @@ class EventState:
                 scores: npt.NDArray[np.floating[Any]] = exact_block
             else:
                 scores = approx = self._approx(chunk, targets)
-                at, found, exact = self._screen(approx, chunk, cols, targets)
+                at, found, exact = screening.screen(self, approx, chunk, cols, targets)
                 prepared.batch_idx[start:end], prepared.batch_val[start:end] = grouped_top_k(
                     at, found, exact, id_rank, n_groups=chunk.size, k=k
                 )
@@ -730,7 +649,7 @@ class EventState:
         complement += np.einsum("ij,ij->i", blocks[2, a], blocks[1, b])
         bio = np.einsum("ij,ij->i", blocks[3, a], blocks[3, b])
         scores = combine(interests, complement, bio, self.coef)
-        scores[self._excluded(a, b)] = EXCLUDED
+        scores[self.excluded(a, b)] = EXCLUDED
         return scores
 
     def _entries(self, row: int, idx: npt.NDArray[np.int64], val: FloatMatrix) -> list[ListEntry]:
@@ -743,15 +662,6 @@ class EventState:
             reasons = explain(owner_tags, other_tags) if owner_tags and other_tags else []
             entries.append(ListEntry(rank, int(self.profile_ids[other]), float(score), reasons))
         return entries
-
-
-def _float32_below(values: FloatMatrix) -> npt.NDArray[np.float32]:
-    """The largest float32 at or below each value: comparing float32 scores with it keeps
-    every score a float64 comparison would keep."""
-    rounded = values.astype(np.float32)
-    too_high = rounded > values
-    rounded[too_high] = np.nextafter(rounded[too_high], np.float32(-np.inf))
-    return rounded
 
 
 def _as_blocks(vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

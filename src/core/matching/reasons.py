@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from core.text import phrase_key
+from core.embedding.text import phrase_key
 
 MAX_REASONS = 4
 MAX_SHARED_SHOWN = 3

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import socket
 import time
 import uuid
@@ -19,23 +18,23 @@ from datetime import UTC, datetime
 import numpy as np
 import psycopg
 
-from core import repository as repo
-from core.db import CONFLICT_ERRORS
-from core.embedder import LocalEmbedder, content_hash
-from core.embedding import Embedder, embedder_for_event, icebreaker_writer
-from core.engine import EventState, PreparedBatch
-from core.icebreakers import IcebreakerWriter
-from core.models import Profile
+from core.data import repository as repo
+from core.data.conflicts import CONFLICT_ERRORS, retry_conflicts
+from core.data.repository import ClaimedRow, Conn, QueueOutcome
+from core.embedding.errors import ProviderUnavailableError
+from core.embedding.local import LocalEmbedder
+from core.embedding.selection import Embedder, embedder_for_event
+from core.embedding.vectors import content_hash
+from core.matching.engine import EventState, PreparedBatch
+from core.models import EventRecord, ListEntry, Profile
 from core.observability import logger
-from core.openai_embedder import ProviderUnavailableError
-from core.repository import ClaimedRow, Conn, EventRecord, QueueOutcome
+from core.queue import loader
+from core.queue.icebreakers import IcebreakerWriter, icebreaker_writer
 from core.settings import Settings
 
 # Leave room after the last batch: never start one that may not finish by the deadline.
 MIN_HEADROOM_S = 0.5
 HEADROOM_FACTOR = 1.5
-# A batch rolled back by a deadlock or serialization failure is retried this often.
-CONFLICT_RETRIES = 3
 # Priors of the cost model that sizes bulk batches (a bulk batch is only claimed once a
 # batch has been measured): seconds per user, and per scored pair (numpy on one modern
 # core scores ~5e7 pairs/s including top-k; a bigger batch soon measures the real one).
@@ -243,26 +242,19 @@ class Matchmaker:
         A user whose embedding fails is failed alone (backoff, then dead); the rest of the
         batch completes. If matching itself fails, every row of the batch is failed.
         """
-        attempt = 1
-        while True:
-            try:
-                return self.finish(conn, self.start(conn, claimed))
-            except CONFLICT_ERRORS as exc:
-                # A deadlock or serialization failure rolled the batch back (and finish
-                # dropped the cached state): the rows are still ours, so run it again,
-                # and if conflicts persist, fail the rows (backoff) rather than strand
-                # them until their lease expires.
-                if conn.broken:
-                    raise
-                if attempt == CONFLICT_RETRIES:
-                    failed = StartedBatch(claimed, time.monotonic(), datetime.now(UTC), error=exc)
-                    return self.finish(conn, failed)
-                logger.warning(
-                    "batch rolled back by a conflict; retrying",
-                    extra={"event_id": claimed[0].event_id, "attempt": attempt, "error": str(exc)},
-                )
-                time.sleep(random.uniform(0, 0.05 * attempt))  # noqa: S311 -- jitter
-                attempt += 1
+        try:
+            return retry_conflicts(
+                conn,
+                lambda: self.finish(conn, self.start(conn, claimed)),
+                what="matching batch",
+            )
+        except CONFLICT_ERRORS as exc:
+            # Conflicts persisted (finish dropped the cached state each time): fail the rows
+            # (backoff) rather than strand them until their lease expires.
+            if conn.broken:
+                raise
+            failed = StartedBatch(claimed, time.monotonic(), datetime.now(UTC), error=exc)
+            return self.finish(conn, failed)
 
     def start(self, conn: Conn, claimed: list[ClaimedRow]) -> StartedBatch:
         """The part without the event lock, which parallel workers do at the same time:
@@ -382,7 +374,7 @@ class Matchmaker:
         )
 
     def _write_icebreakers(
-        self, conn: Conn, event_id: int, lists: dict[int, list[repo.ListEntry]]
+        self, conn: Conn, event_id: int, lists: dict[int, list[ListEntry]]
     ) -> None:
         """After the lists are committed: an icebreaker can never hold a list back."""
         if self.icebreakers is None:
@@ -433,13 +425,13 @@ class Matchmaker:
         """The event's cached state, refreshed; rebuilt from scratch if it does not know a
         claimed user (a cache that missed changes must not complete them unmatched)."""
         state = self._state(event, embedder.key, embedder.dim)
-        state.refresh(conn)
+        loader.refresh(conn, state)
         if all(pid in state.row_of for pid in profile_ids):
             return state
         logger.warning("event cache missed members; reloading", extra={"event_id": event.id})
         self.states.pop(event.id, None)
         state = self._state(event, embedder.key, embedder.dim)
-        state.refresh(conn)
+        loader.refresh(conn, state)
         return state
 
     def _state(self, event: EventRecord, embedder_key: str, width: int) -> EventState:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from core.models import EVENT_CODE_PATTERN, Profile
-from core.synthetic import generate_profiles
+from tooling.synthetic import generate_profiles
 
 REQUEST_TIMEOUT_S = 30.0
 POLL_INTERVAL_S = 0.5

@@ -1,8 +1,9 @@
-"""The matching math (DESIGN.md §4), exact and symmetric by construction.
+"""The matching math (docs/architecture.md, "Matching math"), exact and symmetric by
+construction.
 
 score(A, B) = c_i·(I_A·I_B) + c_c·(S_A·O_B + O_A·S_B) + c_b·(B_A·B_B)
 
-The blocks are int16-quantised unit vectors (core.embedder): every dot product of two of
+The blocks are int16-quantised unit vectors (core.embedding.local): every dot product of two of
 them is an integer below 2^24 in every partial sum, so float32 BLAS computes it exactly in
 any order. The weighted combination is then a fixed sequence of float64 operations on
 exact integers. Hence scores are bit-identical however rows are batched, score(A, B) is
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from core.embedder import QUANT_SCALE
+from core.embedding.vectors import QUANT_SCALE
 from core.models import MatchWeights
 
 FloatMatrix = npt.NDArray[np.float64]

@@ -21,7 +21,8 @@ import numpy as np
 import numpy.typing as npt
 import openai
 
-from core.embedder import BLOCKS, quantize_blocks
+from core.embedding.errors import EmbeddingError, ProviderUnavailableError
+from core.embedding.vectors import BLOCKS, quantize_blocks
 from core.models import Profile
 from core.observability import logger
 
@@ -34,15 +35,6 @@ MAX_CHARS_PER_REQUEST = 600_000
 MAX_RETRY_AFTER_S = 30.0
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 8.0
-
-
-class EmbeddingError(RuntimeError):
-    """The provider could not embed these profiles (after retries, or a bad answer)."""
-
-
-class ProviderUnavailableError(EmbeddingError):
-    """Retries ran out on 429 / 5xx / timeouts: the provider is down, not this input.
-    The worker fails the whole batch's users at once instead of retrying each alone."""
 
 
 def profile_texts(profile: Profile) -> list[str]:

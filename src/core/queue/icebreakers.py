@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import openai
-
-from core import repository as repo
-from core.embedder import content_hash
+from core.data import repository as repo
+from core.data.repository import Conn
+from core.embedding.selection import openai_api_key, openai_client
+from core.embedding.vectors import content_hash
 from core.models import Profile
 from core.observability import logger
-from core.repository import Conn
+from core.settings import Settings
+
+if TYPE_CHECKING:
+    import openai
 
 MAX_CHARS = 300
 REQUEST_TIMEOUT_S = 10.0
@@ -117,3 +120,15 @@ class IcebreakerWriter:
         if not text:
             raise ValueError("empty icebreaker")
         return text[:MAX_CHARS]
+
+
+def icebreaker_writer(settings: Settings) -> IcebreakerWriter | None:
+    """A writer for events that want icebreakers, or None without an OpenAI key."""
+    key = openai_api_key(settings)
+    if not key:
+        return None
+    return IcebreakerWriter(
+        openai_client(key, settings.openai_base_url),
+        settings.openai_chat_model,
+        settings.icebreakers_per_run,
+    )

@@ -1,4 +1,5 @@
-"""Data layer: every database call of the core goes through here, SQL lives in core/sql."""
+"""Data layer: every database call of the core goes through here; the SQL itself lives in
+named blocks in core/data/sql (core.data.named_sql)."""
 
 from __future__ import annotations
 
@@ -12,19 +13,19 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from core.models import EventIn, EventSettings, MatchWeights, Profile
+from core.data.named_sql import query
+from core.models import (
+    EventIn,
+    EventRecord,
+    EventSettings,
+    ListEntry,
+    MatchWeights,
+    MemberRow,
+    Profile,
+)
 from core.settings import Settings
-from core.sql_queries import query
 
 Conn = psycopg.Connection[Any]
-
-
-@dataclass(frozen=True)
-class EventRecord:
-    id: int
-    code: str
-    name: str
-    settings: EventSettings
 
 
 @dataclass(frozen=True)
@@ -48,26 +49,6 @@ class QueueOutcome:
     status: str
     attempts: int
     last_error: str | None
-
-
-@dataclass(frozen=True)
-class MemberRow:
-    profile_id: int
-    user_id: str
-    active: bool
-    company: str
-    interests: list[str]
-    seeking: list[str]
-    offering: list[str]
-    vector: bytes | None
-
-
-@dataclass(frozen=True)
-class ListEntry:
-    rank: int
-    matched_profile_id: int
-    score: float
-    reasons: list[str]
 
 
 def _event_from_row(row: dict[str, Any]) -> EventRecord:

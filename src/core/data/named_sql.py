@@ -27,7 +27,7 @@ def parse_blocks(text: str) -> dict[str, str]:
 @cache
 def _all_blocks() -> dict[str, str]:
     blocks: dict[str, str] = {}
-    for entry in resources.files("core.sql").iterdir():
+    for entry in resources.files("core.data.sql").iterdir():
         if entry.name.endswith(".sql"):
             for name, body in parse_blocks(entry.read_text(encoding="utf-8")).items():
                 if name in blocks:

@@ -1,24 +1,26 @@
-"""Local orchestration shared by the CLI commands: connect, drain, demo, benchmark."""
+"""Local runs shared by the CLI commands: connect, import files, drain, verify, demo, bench."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from core import repository as repo
-from core.db import connect, resolve_database_url
-from core.embedding import embedder_for_event
-from core.importer import import_profiles
-from core.migrations import migrate
-from core.models import EventIn, EventSettings, Profile
-from core.oracle import VerifyReport, verify_event
-from core.progress import Progress
-from core.repository import Conn, EventRecord
+from core.data import repository as repo
+from core.data.connections import connect, resolve_database_url
+from core.data.migrations import migrate
+from core.data.named_sql import query
+from core.data.repository import Conn
+from core.embedding.selection import embedder_for_event
+from core.models import EventIn, EventRecord, EventSettings, Profile
+from core.queue.worker import BatchResult, Matchmaker, WorkerReport
 from core.settings import Settings
-from core.sql_queries import query
-from core.worker import BatchResult, Matchmaker, WorkerReport
+from tooling.attendee_files import ParsedImport, RowError, parse_import_file
+from tooling.oracle import VerifyReport, verify_event
+from tooling.progress import Progress
 
 FOREVER_S = 10.0 * 365 * 24 * 3600
+ANALYZE_AFTER_ROWS = 1000
 
 
 def open_database(settings: Settings) -> Conn:
@@ -99,3 +101,35 @@ def import_and_match(
 
 def default_event(code: str, name: str = "") -> EventIn:
     return EventIn(code=code, name=name or code, settings=EventSettings())
+
+
+# --- import files ----------------------------------------------------------------------
+
+
+@dataclass
+class ImportReport:
+    event: EventRecord
+    imported: int
+    errors: list[RowError] = field(default_factory=list)
+
+
+def import_profiles(conn: Conn, event: EventIn, profiles: list[Profile]) -> EventRecord:
+    """Create the event if missing, upsert the profiles and join them, in one transaction."""
+    with conn.transaction():
+        record = repo.ensure_event(conn, event)
+        if profiles:
+            repo.upsert_profiles_and_join(conn, record.id, profiles)
+    if len(profiles) >= ANALYZE_AFTER_ROWS:
+        # Matching starts right away: don't let it plan against pre-import statistics.
+        repo.analyze_matching_tables(conn)
+    return record
+
+
+def import_parsed(conn: Conn, event: EventIn, parsed: ParsedImport) -> ImportReport:
+    # Rows that failed validation never reach this point: a bad row writes nothing.
+    record = import_profiles(conn, event, [row.profile for row in parsed.rows])
+    return ImportReport(record, len(parsed.rows), list(parsed.errors))
+
+
+def import_file(conn: Conn, event: EventIn, path: Path) -> ImportReport:
+    return import_parsed(conn, event, parse_import_file(path))

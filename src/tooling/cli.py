@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
@@ -16,30 +15,30 @@ from typing import TextIO
 import psycopg
 from pydantic import ValidationError
 
-from core import devauth
-from core import repository as repo
-from core.benchmark import BenchOptions, run_bench
-from core.db import DatabaseUnavailableError, connect, resolve_database_url
-from core.import_parser import ImportFormatError, format_validation_error
-from core.importer import import_file
-from core.local_server import LocalStack
-from core.migrations import MigrationError, migrate
-from core.models import EventIn
+from core.data import repository as repo
+from core.data.connections import DatabaseUnavailableError, connect, resolve_database_url
+from core.data.migrations import MigrationError, migrate
+from core.data.repository import Conn
+from core.models import EventIn, EventRecord
 from core.observability import quiet_for_cli
-from core.oracle import VerifyReport
-from core.repository import Conn, EventRecord
-from core.runner import (
+from core.queue.worker import Matchmaker, WorkerReport
+from core.settings import Settings, get_settings
+from tooling import dev_tokens as devauth
+from tooling.attendee_files import ImportFormatError, format_validation_error
+from tooling.bench import BenchOptions, run_bench
+from tooling.local_runs import (
     default_event,
     drain,
     import_and_match,
+    import_file,
     open_database,
     recreate_event,
     verify,
 )
-from core.settings import Settings, get_settings
-from core.smoke import SmokeUsageError, run_smoke
-from core.synthetic import generate_profiles
-from core.worker import Matchmaker, WorkerReport
+from tooling.local_stack import LocalStack
+from tooling.oracle import VerifyReport
+from tooling.smoke import SmokeUsageError, run_smoke
+from tooling.synthetic import generate_profiles
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 SHOWN_MISMATCHES = 10
@@ -265,8 +264,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_smoke(args: argparse.Namespace, settings: Settings) -> int:
-    service = args.token or os.environ.get("MATCHMAKER_SERVICE_TOKEN")
-    admin = args.admin_token or os.environ.get("MATCHMAKER_ADMIN_TOKEN")
+    service = args.token or (
+        settings.service_token.get_secret_value() if settings.service_token else None
+    )
+    admin = args.admin_token or (
+        settings.admin_token.get_secret_value() if settings.admin_token else None
+    )
     if not service or not admin:
         raise CliError(
             "smoke needs a service and an admin token: --token and --admin-token, or "

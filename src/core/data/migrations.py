@@ -6,7 +6,6 @@ The same runner serves the CLI, the tests and the deploy-time custom resource.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import psycopg
 
 from core.observability import logger
+from core.settings import get_settings
 
 MIGRATION_LOCK_KEY = 0x4D4D_4D49_4752  # "MMMIGR": distinct from the per-event lock keys
 _FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
@@ -54,10 +54,10 @@ class MigrationReport:
 
 def default_migrations_dir() -> Path:
     """db/migrations of the checkout, or MIGRATIONS_DIR (the Lambda bundle sets it)."""
-    override = os.environ.get("MIGRATIONS_DIR")
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[2] / "db" / "migrations"
+    override = get_settings().migrations_dir
+    if override is not None:
+        return override
+    return Path(__file__).resolve().parents[3] / "db" / "migrations"
 
 
 def discover(directory: Path) -> list[Migration]:

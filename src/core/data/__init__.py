@@ -1,0 +1,1 @@
+"""Data layer: connections, the repository, named SQL and the migration runner."""

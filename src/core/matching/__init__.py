@@ -1,0 +1,1 @@
+"""Matching: the pure engine (exact incremental top-k), screening, scoring and reasons."""
