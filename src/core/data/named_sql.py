@@ -1,4 +1,4 @@
-"""Named SQL blocks loaded from core/sql/*.sql (`-- name: block_name` headers)."""
+"""Named SQL blocks loaded from core/data/sql/*.sql (`-- name: block_name` headers)."""
 
 from __future__ import annotations
 
