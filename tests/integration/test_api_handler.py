@@ -22,9 +22,13 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg.rows import dict_row
+from pydantic import BaseModel
 
+import core.api.schemas
+import core.models
 import core.settings
 import handlers.api
+from core.api.schemas import ErrorOut
 from core.data import repository as repo
 from core.data.repository import Conn
 from core.embedding.local import LocalEmbedder
@@ -234,6 +238,55 @@ def test_every_route_has_an_event_file_shaped_like_api_gateway_sends_it():
     assert load_event("get_matches_attendee_self")["pathParameters"]["user_id"] == ADA
     assert claims_of("get_matches_attendee_other")["sub"] == ADA
     assert load_event("get_matches_attendee_other")["pathParameters"]["user_id"] == GRACE
+
+
+def _documented_model(schema: dict[str, Any]) -> tuple[type[BaseModel], bool]:
+    """The pydantic model a response schema refers to, and whether it is a list of them."""
+    many = schema.get("type") == "array"
+    name = (schema["items"] if many else schema)["$ref"].rsplit("/", 1)[1]
+    model = getattr(core.api.schemas, name, None) or getattr(core.models, name)
+    return model, many
+
+
+def test_the_openapi_document_says_what_every_route_answers(api, conn):
+    """Given the seeded event, every route's event file answers with a success code its
+    operation documents, with a body of the documented model (none for 204); the same
+    request without a token, and with a bad event code, answers a documented error status
+    with the ErrorOut body. The document requires the bearer JWT everywhere."""
+    document = openapi_document()
+    assert document["security"] == [{"jwt": []}]
+    assert document["components"]["securitySchemes"]["jwt"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+    }
+    seed(conn)
+    for name in sorted(ALL_ROUTES, key=lambda n: n == "remove_attendee"):  # leaving: last
+        method, path = load_event(name)["routeKey"].split(" ", 1)
+        answers = document["paths"][path][method.lower()]["responses"]
+        for status, answer in answers.items():
+            if status.startswith("2"):
+                continue
+            schema = answer["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorOut"}, (name, status)
+
+        reply = api(request(name))
+        assert str(reply.status) in answers and reply.status < 300, (name, reply)
+        content = answers[str(reply.status)].get("content")
+        if reply.status == 204:
+            assert content is None and reply.text == "", name
+        else:
+            model, many = _documented_model(content["application/json"]["schema"])
+            for item in reply.json if many else [reply.json]:
+                model.model_validate(item)
+
+        bad = [without_authorizer(request(name))]
+        if name != "create_event":  # the one route without a code in its path
+            bad.append(request(name, code="x"))
+        for rejected in map(api, bad):
+            assert str(rejected.status) in answers, (name, rejected)
+            ErrorOut.model_validate(rejected.json)
+            assert rejected.is_error(rejected.status), (name, rejected)
 
 
 # --- happy paths -------------------------------------------------------------------------
@@ -1210,9 +1263,9 @@ def test_a_body_that_is_not_json_is_415_and_writes_nothing(api, conn, content_ty
 
 @pytest.mark.parametrize("conflicts", [1, 99])
 def test_a_request_rolled_back_by_a_deadlock_is_retried_then_503(api, conn, monkeypatch, conflicts):
-    """Given the join's transaction rolled back by a deadlock once, the handler runs the
-    request again and answers 200 joined; given conflicts that persist, 503 conflict
-    after three tries, and nothing is written."""
+    """Given the join's transaction rolled back by a deadlock once, the operation runs its
+    transaction again within the same request and answers 200 joined; given conflicts
+    that persist, 503 conflict after three tries, and nothing is written."""
     event = seed(conn)
     real_join = repo.upsert_profiles_and_join
     calls = {"n": 0}

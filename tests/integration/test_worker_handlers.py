@@ -1,5 +1,6 @@
-"""The scheduled matchmaker, the redrive consumer and the migrations custom resource,
-invoked with the events/ files, a real PostgreSQL and moto for SQS / Secrets Manager."""
+"""The scheduled matchmaker and the redrive consumer, invoked with the events/ files, a
+real PostgreSQL and moto for SQS / Secrets Manager; and the committed OpenAPI document.
+(The migrations custom resource has its own module, test_migrate_handler.py.)"""
 
 from __future__ import annotations
 
@@ -8,29 +9,22 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import boto3
-import psycopg
 import pytest
 from moto import mock_aws
 
 import core.aws
 import core.settings
 import handlers.matchmaker
-import handlers.migrate
 import handlers.redrive
 from core.data import repository as repo
-from core.data.migrations import default_migrations_dir, discover
 from core.queue.worker import Matchmaker, default_embedder
 from handlers.api import openapi_document
-from tests.conftest import database_uri
 from tests.helpers import PoisonEmbedder, add_attendees, queue_rows
 from tests.integration.api_support import AWS_ENV, database_behind_secrets, reset_handler_state
 from tooling.oracle import verify_event
@@ -176,88 +170,6 @@ def test_the_redrive_consumer_reports_only_the_bad_records(conn, aws):
     batch["Records"][0]["body"] = "not json"
     response = handlers.redrive.lambda_handler(batch, FakeContext())
     assert response["batchItemFailures"] == [{"itemIdentifier": batch["Records"][0]["messageId"]}]
-
-
-class _CloudFormation(BaseHTTPRequestHandler):
-    """Receives the custom resource's PUT to its pre-signed ResponseURL."""
-
-    received: ClassVar[list[dict[str, Any]]] = []
-
-    def do_PUT(self) -> None:
-        length = int(self.headers["Content-Length"])
-        type(self).received.append(json.loads(self.rfile.read(length)))
-        self.send_response(200)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def cloudformation() -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    _CloudFormation.received = []
-    server = HTTPServer(("127.0.0.1", 0), _CloudFormation)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/response", _CloudFormation.received
-    server.shutdown()
-
-
-def _empty_database(pg_server_uri: str) -> Iterator[str]:
-    name = f"mm_cfn_{int(time.time() * 1000) % 10**9}"
-    with psycopg.connect(pg_server_uri, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    yield database_uri(pg_server_uri, name)
-    with psycopg.connect(pg_server_uri, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture
-def empty_db(pg_server_uri: str) -> Iterator[str]:
-    yield from _empty_database(pg_server_uri)
-
-
-def test_the_custom_resource_migrates_on_create_and_update_and_ignores_delete(
-    empty_db, cloudformation, monkeypatch
-):
-    """Create applies every migration and answers SUCCESS; Update is a no-op re-run;
-    Delete answers SUCCESS without touching the database."""
-    url, received = cloudformation
-    monkeypatch.setenv("DATABASE_URL", empty_db)
-    core.settings.get_settings.cache_clear()
-    for name in ("create", "update", "delete"):
-        event = load_event(f"migrate/{name}.json")
-        event["ResponseURL"] = url
-        handlers.migrate.lambda_handler(event, FakeContext())
-    assert [r["Status"] for r in received] == ["SUCCESS"] * 3
-    shipped = len(discover(default_migrations_dir()))
-    assert shipped >= 4
-    assert received[0]["Data"]["Applied"] == shipped
-    assert received[1]["Data"]["Applied"] == 0
-    assert received[2]["Data"] == {}
-    assert {r["PhysicalResourceId"] for r in received} == {"matchmaker-migrations"}
-    with psycopg.connect(empty_db) as conn:
-        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (shipped,)
-    core.settings.get_settings.cache_clear()
-
-
-def test_a_failed_migration_fails_the_deploy_with_the_error(
-    empty_db, cloudformation, monkeypatch, tmp_path
-):
-    """A broken migration file answers FAILED with the file and the database error, so
-    CloudFormation fails (and rolls back) the deploy."""
-    url, received = cloudformation
-    (tmp_path / "0001_broken.sql").write_text("CREATE TABLE oops (;")
-    monkeypatch.setenv("DATABASE_URL", empty_db)
-    monkeypatch.setenv("MIGRATIONS_DIR", str(tmp_path))
-    core.settings.get_settings.cache_clear()
-    event = load_event("migrate/create.json")
-    event["ResponseURL"] = url
-    handlers.migrate.lambda_handler(event, FakeContext())
-    assert received[0]["Status"] == "FAILED"
-    assert "0001_broken.sql" in received[0]["Reason"]
-    assert "syntax error" in received[0]["Reason"]
-    core.settings.get_settings.cache_clear()
 
 
 def test_the_committed_openapi_document_matches_the_code():

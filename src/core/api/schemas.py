@@ -106,3 +106,12 @@ class RedriveOut(BaseModel):
     event: str
     requeued: int
     invoked: bool
+
+
+class ErrorOut(BaseModel):
+    """Every error answer: a stable machine-readable code, what to fix, and for invalid
+    input the problem with each field."""
+
+    error: str
+    message: str
+    details: list[dict[str, str]] | None = None

@@ -8,9 +8,10 @@ OpenAI events) when it runs, so that no other request pays for them at cold star
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 from core.api.errors import (
     ConflictError,
@@ -34,6 +35,7 @@ from core.api.schemas import (
     TriggerIn,
 )
 from core.data import repository as repo
+from core.data.conflicts import retry_conflicts
 from core.data.repository import Conn
 from core.models import AttendeeMatches, EventIn, EventRecord, Match
 from core.settings import Settings
@@ -45,6 +47,24 @@ SYNC_POLL_S = 0.1
 
 Invoker = Callable[[str], bool]  # async-invoke the matchmaker for an event; True if sent
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def retried(operation: Callable[Concatenate[Conn, P], R]) -> Callable[Concatenate[Conn, P], R]:
+    """A write operation, run again when PostgreSQL rolled its transaction back because of
+    a concurrent one (nothing was written); a conflict that persists is raised. Each run
+    starts over (authorisation, reads), so it sees the state that won. Side effects come
+    last (the matchmaker invoke), after the writes that could conflict."""
+
+    @functools.wraps(operation)
+    def run(conn: Conn, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return retry_conflicts(
+            conn, lambda: operation(conn, *args, **kwargs), what=operation.__name__
+        )
+
+    return run
+
 
 def _event(conn: Conn, code: str) -> EventRecord:
     event = repo.fetch_event(conn, code)
@@ -53,6 +73,7 @@ def _event(conn: Conn, code: str) -> EventRecord:
     return event
 
 
+@retried
 def create_event(conn: Conn, principal: Principal, body: EventIn) -> EventOut:
     principal.require_service()
     existing = repo.fetch_event(conn, body.code)
@@ -79,6 +100,7 @@ def get_event(conn: Conn, principal: Principal, code: str) -> EventOut:
     )
 
 
+@retried
 def put_attendee(
     conn: Conn, principal: Principal, code: str, user_id: str, body: AttendeeIn
 ) -> AttendeeOut:
@@ -90,6 +112,7 @@ def put_attendee(
     return AttendeeOut(event=code, user_id=user_id, status=outcome)
 
 
+@retried
 def remove_attendee(conn: Conn, principal: Principal, code: str, user_id: str) -> None:
     principal.require_service()
     with conn.transaction():
@@ -107,6 +130,7 @@ def get_matches(conn: Conn, principal: Principal, code: str, user_id: str) -> At
     return AttendeeMatches(user_id=user_id, matches=[Match(**row) for row in rows])
 
 
+@retried
 def dismiss(conn: Conn, principal: Principal, code: str, user_id: str, body: DismissIn) -> None:
     principal.require_self_or_service(user_id)
     if body.dismissed_user_id == user_id:
@@ -118,6 +142,7 @@ def dismiss(conn: Conn, principal: Principal, code: str, user_id: str, body: Dis
         repo.dismiss(conn, event.id, user_id, body.dismissed_user_id)
 
 
+@retried
 def trigger(
     conn: Conn,
     principal: Principal,
@@ -187,6 +212,7 @@ def _match_now(conn: Conn, settings: Settings, event: EventRecord, deadline: flo
         time.sleep(SYNC_POLL_S)
 
 
+@retried
 def start_matching(
     conn: Conn, principal: Principal, code: str, body: StartIn, invoke: Invoker
 ) -> EnqueueOut:
@@ -231,6 +257,7 @@ def status(
     )
 
 
+@retried
 def update_settings(
     conn: Conn, principal: Principal, code: str, body: SettingsPatch, invoke: Invoker
 ) -> EventOut:
@@ -246,6 +273,7 @@ def update_settings(
     return get_event(conn, principal, code)
 
 
+@retried
 def set_paused(conn: Conn, principal: Principal, code: str, paused: bool) -> None:
     principal.require_admin()
     event = _event(conn, code)
@@ -261,6 +289,7 @@ def dead_letters(conn: Conn, principal: Principal, code: str) -> list[DeadLetter
     ]
 
 
+@retried
 def redrive(conn: Conn, principal: Principal, code: str, invoke: Invoker) -> RedriveOut:
     principal.require_admin()
     event = _event(conn, code)
