@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench reliability install clean openapi
+.PHONY: demo test lint typecheck unit bench reliability install clean openapi invoke
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
@@ -52,3 +52,5 @@ clean:
 
 # AWS: sam-validate, sam-build, checkov, and the build-<Function> targets that sam build runs.
 include mk/lambda.mk
+# `make invoke FUNCTION=ApiFunction EVENT=events/api/get_event.json`: sam local invoke (Docker).
+include mk/invoke.mk

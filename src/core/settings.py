@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -100,6 +100,13 @@ class Settings(BaseSettings):
     def deployed(self) -> bool:
         """Running in a Lambda on AWS (not under sam local invoke)."""
         return bool(self.aws_lambda_function_name) and not self.aws_sam_local
+
+    @field_validator("database_url", "db_secret_arn", "openai_secret_arn", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # The template declares these as "" so that `sam local invoke --env-vars` may set
+        # them: an empty value means "not set", never an empty connection string or ARN.
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _timeouts_fit_the_lease(self) -> Settings:

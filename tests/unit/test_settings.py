@@ -86,3 +86,11 @@ def test_tooling_and_migration_variables_go_through_the_settings_object(monkeypa
         settings_from(monkeypatch, MATCHMAKER_API_WORKERS="many")
     with pytest.raises(ValueError, match="less than or equal to 32"):
         settings_from(monkeypatch, MATCHMAKER_API_WORKERS="33")
+
+
+def test_empty_values_mean_unset(monkeypatch):
+    """The template declares DATABASE_URL (and the ARNs) as "" so sam local invoke may set
+    them: empty must read as unset, not as an empty connection string."""
+    settings = settings_from(monkeypatch, DATABASE_URL="", DB_SECRET_ARN="")
+    assert settings.database_url is None
+    assert settings.db_secret_arn is None
