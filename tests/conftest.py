@@ -47,6 +47,19 @@ def pg_server_uri() -> str:
     return embedded_server_uri(pgdata, database="postgres", cleanup_mode="delete")
 
 
+@pytest.fixture
+def empty_db_url(pg_server_uri: str) -> Iterator[str]:
+    """A database of its own with no schema at all (`db_url` is already migrated), dropped
+    after the test."""
+    name = f"mm_empty_{uuid.uuid4().hex[:12]}"
+    ident = sql.Identifier(name)
+    with psycopg.connect(pg_server_uri, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(ident))
+    yield database_uri(pg_server_uri, name)
+    with psycopg.connect(pg_server_uri, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
+
+
 @pytest.fixture(scope="session")
 def template_db(pg_server_uri: str) -> Iterator[str]:
     with psycopg.connect(pg_server_uri, autocommit=True) as admin:

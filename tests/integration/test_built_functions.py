@@ -34,9 +34,7 @@ import boto3
 import psycopg
 import pytest
 from moto.server import ThreadedMotoServer
-from psycopg import sql
 
-from tests.conftest import database_uri
 from tests.integration.api_support import ADA, CODE, request
 from tests.unit.test_template import environment, function_property, functions, load_template
 
@@ -528,18 +526,6 @@ def test_redrive_function_answers_a_partial_batch_response(run: Any) -> None:
     assert answers[1] == {
         "batchItemFailures": [{"itemIdentifier": broken["Records"][1]["messageId"]}]
     }
-
-
-@pytest.fixture
-def empty_db_url(pg_server_uri: str) -> Iterator[str]:
-    name = f"mm_empty_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server_uri, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield database_uri(pg_server_uri, name)
-    with psycopg.connect(pg_server_uri, autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
 
 
 def test_migrate_function_migrates_and_answers_without_a_response_url(

@@ -7,16 +7,12 @@ import os
 import re
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
-from tests.conftest import database_uri
 from tooling.synthetic import generate_profiles
 
 EVENT = "cli-ev"
@@ -52,18 +48,6 @@ def assert_clean_failure(result: subprocess.CompletedProcess[str], code: int) ->
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("matchmaker: ")
     return lines[0]
-
-
-@pytest.fixture
-def empty_db_url(pg_server_uri: str) -> Iterator[str]:
-    """A database with no schema at all (the `db_url` fixture is already migrated)."""
-    name = f"mm_cli_empty_{uuid.uuid4().hex[:12]}"
-    ident = sql.Identifier(name)
-    with psycopg.connect(pg_server_uri, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(ident))
-    yield database_uri(pg_server_uri, name)
-    with psycopg.connect(pg_server_uri, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident))
 
 
 # --------------------------------------------------------------------------- migrate

@@ -1,4 +1,4 @@
-"""The migration runner (src/core/migrations.py) against scratch databases.
+"""The migration runner (src/core/data/migrations.py) against scratch databases.
 
 Every test gets its own empty database (the `db_url` fixture would hand out an already
 migrated one), dropped afterwards.
@@ -10,14 +10,12 @@ import hashlib
 import re
 import shutil
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from core.data.migrations import (
     MIGRATION_LOCK_KEY,
@@ -26,7 +24,6 @@ from core.data.migrations import (
     default_migrations_dir,
     migrate,
 )
-from tests.conftest import database_uri
 
 MIGRATIONS = default_migrations_dir()
 FILES = sorted(p.name for p in MIGRATIONS.glob("*.sql"))
@@ -45,21 +42,8 @@ TABLES = {
 
 
 @pytest.fixture
-def scratch_url(pg_server_uri: str) -> Iterator[str]:
-    """An empty database of its own, dropped after the test."""
-    name = f"mm_mig_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server_uri, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield database_uri(pg_server_uri, name)
-    with psycopg.connect(pg_server_uri, autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
-
-
-@pytest.fixture
-def scratch(scratch_url: str) -> Iterator[psycopg.Connection[Any]]:
-    with psycopg.connect(scratch_url, autocommit=True) as conn:
+def scratch(empty_db_url: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
         yield conn
 
 
@@ -176,7 +160,7 @@ def test_an_edited_applied_file_is_reported_as_drift_and_not_reapplied(scratch, 
 
 
 def test_a_broken_migration_fails_by_name_and_leaves_no_trace(
-    scratch, scratch_url, migrations_copy
+    scratch, empty_db_url, migrations_copy
 ):
     """Given a migrated database and a new 0099_broken.sql that creates a table and then
     fails, when migrate runs, then MigrationError names the file, the table it created is
@@ -197,7 +181,7 @@ def test_a_broken_migration_fails_by_name_and_leaves_no_trace(
 
     assert "broken_partial" not in tables(scratch)
     assert [n for _, n, _, _ in ledger(scratch)] == FILES
-    with psycopg.connect(scratch_url, autocommit=True) as other:
+    with psycopg.connect(empty_db_url, autocommit=True) as other:
         got = other.execute("SELECT pg_try_advisory_lock(%s)", (MIGRATION_LOCK_KEY,)).fetchone()
         assert got == (True,)
 
@@ -266,7 +250,7 @@ def test_two_files_with_the_same_version_are_refused(scratch, migrations_copy):
 
 
 def test_a_missing_directory_and_a_transactional_connection_are_refused(
-    scratch, scratch_url, tmp_path
+    scratch, empty_db_url, tmp_path
 ):
     """Given a directory that does not exist, or a connection outside autocommit, when
     migrate runs, then MigrationError is raised and nothing is created.
@@ -276,7 +260,7 @@ def test_a_missing_directory_and_a_transactional_connection_are_refused(
     with pytest.raises(MigrationError, match="not found"):
         migrate(scratch, tmp_path / "nope")
     with (
-        psycopg.connect(scratch_url) as transactional,
+        psycopg.connect(empty_db_url) as transactional,
         pytest.raises(MigrationError, match="autocommit"),
     ):
         migrate(transactional)
@@ -286,7 +270,7 @@ def test_a_missing_directory_and_a_transactional_connection_are_refused(
 # --- concurrency -------------------------------------------------------------------------
 
 
-def test_two_concurrent_migrations_apply_each_file_exactly_once(scratch_url):
+def test_two_concurrent_migrations_apply_each_file_exactly_once(empty_db_url):
     """Given an empty database, when two threads (own connections, released together)
     migrate it at the same time, then both succeed, between them every file is applied
     exactly once (the other reports it as already applied) and the ledger has one row
@@ -300,7 +284,7 @@ def test_two_concurrent_migrations_apply_each_file_exactly_once(scratch_url):
 
     def run() -> None:
         try:
-            with psycopg.connect(scratch_url, autocommit=True) as conn:
+            with psycopg.connect(empty_db_url, autocommit=True) as conn:
                 barrier.wait(timeout=10)
                 reports.append(migrate(conn))
         except BaseException as exc:
@@ -319,5 +303,5 @@ def test_two_concurrent_migrations_apply_each_file_exactly_once(scratch_url):
     for report in reports:
         assert sorted(report.applied + report.already_applied) == FILES
         assert report.drift == []
-    with psycopg.connect(scratch_url, autocommit=True) as conn:
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
         assert [n for _, n, _, _ in ledger(conn)] == FILES
