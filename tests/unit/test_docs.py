@@ -117,24 +117,37 @@ def test_config_table_parser_catches_a_missing_row_and_a_wrong_default() -> None
 
 # --- standing alone ---------------------------------------------------------------------
 
-OUTSIDE_NOTES = re.compile(r"DESIGN(?:\.md|\s*§)")
+# A document named in the text ("see NOTES.md", "NOTES §4") must be one the repository
+# holds: a reader of the docs or the code has nothing else.
+NAMED_DOCUMENT = re.compile(r"\b([\w-]+)(?:\.md\b|\s*§)")
+REPOSITORY_DOCUMENTS = frozenset(
+    p.stem
+    for p in ROOT.rglob("*.md")
+    if not any(part.startswith(".") for part in p.relative_to(ROOT).parts)  # .venv, .tools
+)
+TEXTS = [*DOCUMENTS, *sorted(SRC.rglob("*.py"))]
 
 
-@pytest.mark.parametrize("doc", DOCUMENTS, ids=rel)
-def test_no_reference_to_design_notes_outside_the_repository(doc: Path) -> None:
-    text = doc.read_text(encoding="utf-8")
+def documents_outside(text: str, known: frozenset[str]) -> list[str]:
+    return [m.group(0) for m in NAMED_DOCUMENT.finditer(text) if m.group(1) not in known]
+
+
+@pytest.mark.parametrize("doc", TEXTS, ids=rel)
+def test_no_reference_to_documents_outside_the_repository(doc: Path) -> None:
     hits = [
         f"{rel(doc)}:{n}: {line.strip()}"
-        for n, line in enumerate(text.splitlines(), 1)
-        if OUTSIDE_NOTES.search(line)
+        for n, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1)
+        if documents_outside(line, REPOSITORY_DOCUMENTS)
     ]
     assert hits == []
 
 
-def test_design_pattern_matches_the_forms_in_use() -> None:
-    for text in ("see DESIGN.md", "DESIGN §4", "(DESIGN.md \\u00a74)", "DESIGN§5"):
-        assert OUTSIDE_NOTES.search(text), text
-    assert not OUTSIDE_NOTES.search("DESIGNERS = ('designers',)")
+def test_named_document_pattern_matches_the_forms_in_use() -> None:
+    known = frozenset({"architecture"})
+    for text in ("see NOTES.md", "NOTES §4", "(NOTES.md \\u00a74)", "NOTES§5"):
+        assert documents_outside(text, known) != [], text
+    assert documents_outside("see architecture.md, architecture §2", known) == []
+    assert documents_outside("NOTESERS = ('notes',)", known) == []
 
 
 def slug(heading: str) -> str:
