@@ -302,7 +302,7 @@ class LocalStack:
         self.secret = devauth.load_secret(
             secret_path or settings.pgdata.parent / "dev-token-secret"
         )
-        self.api_workers = api_workers or get_settings().api_workers
+        self.api_workers = api_workers or settings.api_workers
         self.moto: Any = None
         self.http: PooledHTTPServer | None = None
         self.scheduler: Scheduler | None = None
