@@ -42,8 +42,11 @@ from core.api.schemas import (
     ErrorOut,
     EventOut,
     RedriveOut,
+    SeedStartIn,
+    SeedTriggerIn,
     SettingsPatch,
     StartIn,
+    StartOut,
     StatusOut,
     TriggerIn,
 )
@@ -242,13 +245,18 @@ def dismiss(code: Code, user_id: UserIdPath, body: DismissIn) -> Response[str]:
     return _no_content()
 
 
-@app.post(
-    "/events/<code>/matchmaking",
-    responses=answers({202: "queued", 200: "matched (useQueue: false)"}, 404, 409),
-)
+TRIGGER_SUCCESS = {202: "queued", 200: "matched (useQueue: false)"}
+START_SUCCESS = {202: "queued; the queue status right after the enqueue"}
+
+
+@app.post("/events/<code>/matchmaking", responses=answers(TRIGGER_SUCCESS, 404, 409))
 @tracer.capture_method
 def trigger_matchmaking(code: Code, body: TriggerIn) -> Response[EnqueueOut]:
     """The original trigger-matchmaking: queue by default, legacy synchronous mode."""
+    return _trigger(code, body)
+
+
+def _trigger(code: str, body: TriggerIn) -> Response[EnqueueOut]:
     settings = get_settings()
     context: LambdaContext | None = app.lambda_context
     remaining = context.get_remaining_time_in_millis() if context else settings.max_runtime_ms
@@ -262,10 +270,20 @@ def trigger_matchmaking(code: Code, body: TriggerIn) -> Response[EnqueueOut]:
 # --- admin (the original admin-start-matching and its status) ------------------------------
 
 
-@app.post("/admin/events/<code>/matching", responses=answers({202: "queued"}, 404))
-def start_matching(code: Code, body: StartIn) -> Response[EnqueueOut]:
-    out = service.start_matching(_conn(), _principal(), code, body, _invoke)
+@app.post("/admin/events/<code>/matching", responses=answers(START_SUCCESS, 404))
+def start_matching(code: Code, body: StartIn) -> Response[StartOut]:
+    return _start(code, body)
+
+
+def _start(code: str, body: StartIn) -> Response[StartOut]:
+    out = service.start_matching(
+        _conn(), _principal(), code, body, _invoke, dead_letter_depth=_dead_letter_queue_depth
+    )
     return Response(202, "application/json", out)
+
+
+def _dead_letter_queue_depth() -> int | None:
+    return aws.queue_depth(get_settings().dead_letter_queue_url)
 
 
 @app.get("/admin/events/<code>/status", responses=answers({200: "progress"}, 404))
@@ -304,6 +322,24 @@ def list_dead_letters(code: Code) -> list[DeadLetterOut]:
 @app.post("/admin/events/<code>/dead-letters/redrive", responses=answers({200: "requeued"}, 404))
 def redrive(code: Code) -> RedriveOut:
     return service.redrive(_conn(), _principal(), code, _invoke)
+
+
+# --- the seed system's edge functions, for its clients (event code in the body) ----------
+
+
+@app.post("/trigger-matchmaking", responses=answers(TRIGGER_SUCCESS, 404, 409))
+@tracer.capture_method
+def seed_trigger_matchmaking(body: SeedTriggerIn) -> Response[EnqueueOut]:
+    """The seed's trigger-matchmaking edge function: POST /events/{code}/matchmaking with
+    the event code and the user ids in camelCase in the body."""
+    return _trigger(body.eventCode, body.to_trigger())
+
+
+@app.post("/admin-start-matching", responses=answers(START_SUCCESS, 404))
+def seed_admin_start_matching(body: SeedStartIn) -> Response[StartOut]:
+    """The seed's admin-start-matching edge function: POST /admin/events/{code}/matching
+    with the event code in the body."""
+    return _start(body.eventCode, body.to_start())
 
 
 def openapi_document() -> dict[str, Any]:

@@ -73,6 +73,7 @@ SERVICE_ROUTES = [
     "remove_attendee",
     "trigger_queue",
     "trigger_sync",
+    "trigger_matchmaking_seed",
 ]
 SELF_ROUTES = ["get_matches", "dismiss"]  # service, admin, or the attendee themselves
 ADMIN_ROUTES = [
@@ -83,9 +84,12 @@ ADMIN_ROUTES = [
     "admin_settings",
     "admin_dead_letters",
     "admin_redrive",
+    "admin_start_matching_seed",
 ]
 ALL_ROUTES = SERVICE_ROUTES + SELF_ROUTES + ADMIN_ROUTES
 CODE_ROUTES = [name for name in ALL_ROUTES if name != "create_event"]
+# The seed system's edge functions take the event code in the body (eventCode).
+BODY_CODE_ROUTES = ["trigger_matchmaking_seed", "admin_start_matching_seed"]
 USER_ROUTES = ["put_attendee", "remove_attendee", "get_matches", "dismiss"]
 
 TRIGGER_PAYLOAD = {"source": "trigger", "event_code": CODE}
@@ -147,6 +151,14 @@ def seed(conn: Conn, crowd: int = 0) -> EventRecord:
     return import_profiles(conn, EventIn(**body_of("create_event")), people)
 
 
+def for_event(name: str, code: str) -> dict[str, Any]:
+    """The route's request for another event code: in its path, or in the body's
+    eventCode for the seed's edge functions."""
+    if name in BODY_CODE_ROUTES:
+        return request(name, body=body_of(name) | {"eventCode": code})
+    return request(name, code=code)
+
+
 def drain(conn: Conn, settings: Settings, worker: Matchmaker | None = None) -> WorkerReport:
     return (worker or Matchmaker(settings)).run(conn, deadline=time.monotonic() + 60)
 
@@ -188,7 +200,7 @@ def test_every_route_has_an_event_file_shaped_like_api_gateway_sends_it():
         for path, methods in openapi_document()["paths"].items()
         for method in methods
     }
-    assert len(routes) == 14
+    assert len(routes) == 16
     assert {load_event(name)["routeKey"] for name in ALL_ROUTES} == routes
 
     names = {path.stem for path in EVENTS_API.glob("*.json")}
@@ -282,7 +294,7 @@ def test_the_openapi_document_says_what_every_route_answers(api, conn):
 
         bad = [without_authorizer(request(name))]
         if name != "create_event":  # the one route without a code in its path
-            bad.append(request(name, code="x"))
+            bad.append(for_event(name, "x"))
         for rejected in map(api, bad):
             assert str(rejected.status) in answers, (name, rejected)
             ErrorOut.model_validate(rejected.json)
@@ -575,8 +587,9 @@ def test_trigger_in_sync_mode_on_a_paused_event_does_not_claim_success(api, conn
 def test_admin_start_queues_the_unmatched_or_everyone_at_the_given_priority(api, conn, settings):
     """Given 10 matched attendees and 2 newcomers, when admin_start.json (unmatched,
     priority 1) is sent, then 202 with queued 2 (newcomers keep their higher join
-    priority) and an async invoke; when mode everyone at priority 0 is sent, then all 12
-    are queued: 10 at priority 0, the 2 newcomers still at 3."""
+    priority), the event's queue status and an async invoke; when mode everyone at
+    priority 0 is sent, then all 12 are queued: 10 at priority 0, the 2 newcomers still
+    at 3."""
     event = seed(conn, crowd=8)
     drain(conn, settings)
     newcomers = generate_profiles(2, seed=77, id_prefix="nc-")
@@ -587,13 +600,16 @@ def test_admin_start_queues_the_unmatched_or_everyone_at_the_given_priority(api,
     unmatched = api(request("admin_start"))
 
     assert unmatched.status == 202
-    assert unmatched.json == {
+    answer = unmatched.json
+    status = answer.pop("status")  # the queue status after the enqueue
+    assert answer == {
         "event": CODE,
         "queued": 2,
         "mode": "queue",
         "invoked": True,
         "matched": None,
     }
+    assert status["event"] == CODE
     assert queue_of(conn) == [(p.user_id, "pending", 3, "join") for p in newcomers]
     assert api.invocations == [Invocation(WORKER_FUNCTION, "Event", TRIGGER_PAYLOAD, 202)]
 
@@ -1126,14 +1142,15 @@ BAD_USER_IDS = [INJECTION_USER_ID, "u" * 129, "ada lindqvist", "u-1,u-2", "ü-1"
 def test_bad_path_parameters_are_422_and_an_unknown_event_404_on_every_route(
     api, conn, effective, name
 ):
-    """Given the event, when a route's {code} breaks the event-code pattern (too short, too
-    long, underscore, SQL, space, non-ASCII) or its {user_id} breaks the user-id pattern
-    (SQL, 129 characters, space, comma, non-ASCII, semicolon), then 422; when {code}
-    names an event that does not exist, then 404; nothing is written either way."""
-    cases = [(f"code {code!r}", request(name, code=code), 422) for code in BAD_CODES]
+    """Given the event, when a route's {code} (the seed routes' eventCode) breaks the
+    event-code pattern (too short, too long, underscore, SQL, space, non-ASCII) or its
+    {user_id} breaks the user-id pattern (SQL, 129 characters, space, comma, non-ASCII,
+    semicolon), then 422; when the code names an event that does not exist, then 404;
+    nothing is written either way."""
+    cases = [(f"code {code!r}", for_event(name, code), 422) for code in BAD_CODES]
     if name in USER_ROUTES:
         cases += [(f"user {u!r}", request(name, user_id=u), 422) for u in BAD_USER_IDS]
-    cases.append(("unknown event", request(name, code="techconf-2025"), 404))
+    cases.append(("unknown event", for_event(name, "techconf-2025"), 404))
     assert rejections(api, conn, cases) == []
 
 

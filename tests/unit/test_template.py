@@ -26,6 +26,7 @@ TEMPLATE = ROOT / "template.yaml"
 LAMBDA_MK = ROOT / "mk" / "lambda.mk"
 
 ADMIN_SCOPE = "matchmaker/admin"
+SEED_ADMIN_PATHS = {"/admin-start-matching"}  # admin routes outside /admin/ (seed clients)
 SQS_VISIBILITY_DEFAULT_S = 30
 
 EXPECTED_HANDLERS = {
@@ -593,11 +594,40 @@ def test_http_api_routes_all_authenticated_and_admin_routes_scoped(
         assert auth.get("Authorizer", default) == default, route
         assert auth.get("Authorizer") != "NONE", route
         scopes = auth.get("AuthorizationScopes", [])
-        if route[1].startswith("/admin/"):
+        if is_admin_path(route[1]):
             assert ADMIN_SCOPE in scopes, route
         else:
             assert ADMIN_SCOPE not in scopes, route
     assert routes == EXPECTED_ROUTES
+
+
+def is_admin_path(path: str) -> bool:
+    """The admin routes: everything under /admin/, and the seed's admin-start-matching."""
+    return path.startswith("/admin/") or path in SEED_ADMIN_PATHS
+
+
+def test_the_seed_edge_function_routes_are_on_the_authorized_api(
+    template: dict[str, Any],
+) -> None:
+    """The seed system's two edge functions are HTTP API routes of the API function with
+    the JWT authorizer; admin-start-matching also needs the admin scope, like /admin/."""
+    routes = {
+        (event["Method"].upper(), event["Path"]): event
+        for fn_name, event in http_api_events(template)
+        if fn_name == "ApiFunction"
+    }
+    default = resources(template, "AWS::Serverless::HttpApi")["HttpApi"]["Properties"]["Auth"][
+        "DefaultAuthorizer"
+    ]
+    trigger = routes[("POST", "/trigger-matchmaking")]
+    start = routes[("POST", "/admin-start-matching")]
+    for event in (trigger, start):
+        assert event["ApiId"] == {"Ref": "HttpApi"}
+        assert event.get("Auth", {}).get("Authorizer", default) == default == "JwtAuthorizer"
+    assert "AuthorizationScopes" not in trigger.get("Auth", {})  # service tokens call it
+    assert start["Auth"]["AuthorizationScopes"] == [ADMIN_SCOPE]
+    assert is_admin_path("/admin-start-matching")
+    assert not is_admin_path("/trigger-matchmaking")
 
 
 def test_http_api_throttling_and_access_logs(template: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field
 
 from core.models import (
+    EventCode,
     EventSettings,
     MatchWeights,
     Profile,
@@ -28,18 +29,50 @@ class DismissIn(StrictModel):
     dismissed_user_id: UserId
 
 
+UserIdList = Annotated[list[UserId], Field(max_length=1000)]
+Priority = Annotated[int, Field(ge=0, le=3)]
+StartMode = Literal["unmatched", "everyone"]
+
+
 class TriggerIn(StrictModel):
     """The original trigger-matchmaking body: queue by default, legacy synchronous mode."""
 
     useQueue: bool = True  # noqa: N815 - the legacy API's field name
-    user_ids: Annotated[list[UserId], Field(max_length=1000)] | None = None
+    user_ids: UserIdList | None = None
 
 
 class StartIn(StrictModel):
     """The original admin-start-matching body."""
 
-    mode: Literal["unmatched", "everyone"] = "unmatched"
-    priority: Annotated[int, Field(ge=0, le=3)] = 0
+    mode: StartMode = "unmatched"
+    priority: Priority = 0
+
+
+# The seed system's edge-function bodies, spelled as its clients send them (camelCase
+# only: a snake_case field is an unknown field, so a body never mixes two spellings).
+
+
+class SeedTriggerIn(StrictModel):
+    """POST /trigger-matchmaking: the seed's trigger-matchmaking body. No priority: a
+    trigger queues at the fixed trigger priority, as POST /events/{code}/matchmaking."""
+
+    eventCode: EventCode  # noqa: N815 - the seed's field name
+    useQueue: bool = True  # noqa: N815 - the seed's field name
+    userIds: UserIdList | None = None  # noqa: N815 - the seed's field name
+
+    def to_trigger(self) -> TriggerIn:
+        return TriggerIn(useQueue=self.useQueue, user_ids=self.userIds)
+
+
+class SeedStartIn(StrictModel):
+    """POST /admin-start-matching: the seed's admin-start-matching body."""
+
+    eventCode: EventCode  # noqa: N815 - the seed's field name
+    mode: StartMode = "unmatched"
+    priority: Priority = 0
+
+    def to_start(self) -> StartIn:
+        return StartIn(mode=self.mode, priority=self.priority)
 
 
 class SettingsPatch(StrictModel):
@@ -93,6 +126,12 @@ class StatusOut(BaseModel):
     last_error: str | None
     last_error_at: datetime | None
     dead_letter_queue_depth: int | None
+
+
+class StartOut(EnqueueOut):
+    """A manual start: what was queued, and the event's queue status right after."""
+
+    status: StatusOut
 
 
 class DeadLetterOut(BaseModel):

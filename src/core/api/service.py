@@ -31,6 +31,7 @@ from core.api.schemas import (
     RedriveOut,
     SettingsPatch,
     StartIn,
+    StartOut,
     StatusOut,
     TriggerIn,
 )
@@ -212,8 +213,25 @@ def _match_now(conn: Conn, settings: Settings, event: EventRecord, deadline: flo
         time.sleep(SYNC_POLL_S)
 
 
-@retried
 def start_matching(
+    conn: Conn,
+    principal: Principal,
+    code: str,
+    body: StartIn,
+    invoke: Invoker,
+    *,
+    dead_letter_depth: Callable[[], int | None],
+) -> StartOut:
+    """Queue the event's unmatched attendees (or everyone) at the given priority, start
+    the matchmaker, and answer with the queue status as it is after the enqueue."""
+    queued = _enqueue_start(conn, principal, code, body, invoke)
+    # Read after the enqueue committed (and outside its retries: reading never conflicts).
+    figures = status(conn, principal, code, dead_letter_depth)
+    return StartOut(**queued.model_dump(), status=figures)
+
+
+@retried
+def _enqueue_start(
     conn: Conn, principal: Principal, code: str, body: StartIn, invoke: Invoker
 ) -> EnqueueOut:
     principal.require_admin()
