@@ -37,6 +37,10 @@ class MetricName(StrEnum):
     BATCHES_PROCESSED = "BatchesProcessed"
     BATCH_DURATION_SECONDS = "BatchDurationSeconds"
     QUEUE_DEPTH = "QueueDepth"
+    # pending rows per queue priority (0 rematch ... 3 newcomer): four names rather than a
+    # Priority dimension - the same four CloudWatch metrics, but they stay in the one EMF
+    # record per run with the one dimension set (another dimension set needs a record per
+    # value, which Powertools' single_metric prints even when metrics are disabled)
     QUEUE_PENDING_P0 = "QueuePendingP0"
     QUEUE_PENDING_P1 = "QueuePendingP1"
     QUEUE_PENDING_P2 = "QueuePendingP2"
@@ -50,18 +54,6 @@ class MetricName(StrEnum):
     PROVIDER_FAULTS = "ProviderFaults"
     PROVIDER_FALLBACKS = "ProviderFallbacks"
     ATTENDEES_UPSERTED = "AttendeesUpserted"
-
-
-# Pending rows per queue priority (0 rematch ... 3 newcomer). Four metric names rather than
-# a Priority dimension: the same four CloudWatch metrics either way, but these stay in the
-# one EMF record per invocation with the one dimension set (a second dimension set needs a
-# separate record per value, which Powertools prints even when metrics are disabled).
-QUEUE_PENDING_BY_PRIORITY = (
-    MetricName.QUEUE_PENDING_P0,
-    MetricName.QUEUE_PENDING_P1,
-    MetricName.QUEUE_PENDING_P2,
-    MetricName.QUEUE_PENDING_P3,
-)
 
 
 @dataclass(frozen=True)

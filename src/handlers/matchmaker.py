@@ -16,14 +16,7 @@ from core.data import repository as repo
 from core.data.connections import ConnectionCache
 from core.data.repository import Conn, QueueOutcome
 from core.models import EventCode
-from core.observability import (
-    QUEUE_PENDING_BY_PRIORITY,
-    MetricName,
-    logger,
-    metrics,
-    metrics_enabled,
-    tracer,
-)
+from core.observability import MetricName, logger, metrics, metrics_enabled, tracer
 from core.queue.deadline import monotonic_deadline
 from core.queue.worker import Matchmaker, WorkerReport, run_worker
 from core.settings import get_settings
@@ -79,10 +72,11 @@ def add_run_metrics(conn: Conn, report: WorkerReport) -> None:
     metrics.add_metric(
         name=MetricName.QUEUE_DEPTH, unit=MetricUnit.Count, value=repo.live_queue_depth(conn)
     )
-    for name, pending in zip(
-        QUEUE_PENDING_BY_PRIORITY, repo.pending_by_priority(conn), strict=True
-    ):
-        metrics.add_metric(name=name, unit=MetricUnit.Count, value=pending)
+    p0, p1, p2, p3 = repo.pending_by_priority(conn)
+    metrics.add_metric(name=MetricName.QUEUE_PENDING_P0, unit=MetricUnit.Count, value=p0)
+    metrics.add_metric(name=MetricName.QUEUE_PENDING_P1, unit=MetricUnit.Count, value=p1)
+    metrics.add_metric(name=MetricName.QUEUE_PENDING_P2, unit=MetricUnit.Count, value=p2)
+    metrics.add_metric(name=MetricName.QUEUE_PENDING_P3, unit=MetricUnit.Count, value=p3)
     metrics.add_metric(
         name=MetricName.OLDEST_PENDING_AGE_SECONDS,
         unit=MetricUnit.Seconds,
