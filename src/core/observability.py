@@ -81,7 +81,7 @@ METRICS: dict[MetricName, MetricSpec] = {
         MetricUnit.Count, _MATCHMAKER, "Live queue rows (pending and running) after a run."
     ),
     MetricName.QUEUE_PENDING_P0: MetricSpec(
-        MetricUnit.Count, _MATCHMAKER, _PENDING.format(p=0, what="rematch")
+        MetricUnit.Count, _MATCHMAKER, _PENDING.format(p=0, what="rematch, changed settings")
     ),
     MetricName.QUEUE_PENDING_P1: MetricSpec(
         MetricUnit.Count, _MATCHMAKER, _PENDING.format(p=1, what="a neighbour left")

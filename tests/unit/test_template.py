@@ -1111,3 +1111,22 @@ def test_every_metric_call_in_the_code_is_registered_with_its_unit() -> None:
     # and docs that show it) pointing at nothing
     assert set(emitted) == set(MetricName), set(MetricName) - set(emitted)
     assert set(METRICS) == set(MetricName)
+
+
+def test_the_docs_list_every_metric_and_every_widget() -> None:
+    """docs/reliability.md's "Dashboard and metrics": one row per registered metric with its
+    unit and dimensions, and every widget of the dashboard by its title."""
+    text = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+    match = re.search(r"^## Dashboard and metrics\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert match, "no '## Dashboard and metrics' section"
+    documented = {}
+    for line in match.group(1).splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 5:
+            documented[cells[0].strip("`")] = (cells[1], cells[2])
+    assert documented == {
+        str(name): (spec.unit.value, ", ".join(f"`{d}`" for d in spec.dimensions))
+        for name, spec in METRICS.items()
+    }
+    titles = [w["properties"]["title"] for w in dashboard_body(_template())["widgets"]]
+    assert [t for t in titles if f"| {t} |" not in match.group(1)] == []
