@@ -1,18 +1,143 @@
-"""The one place that configures logging and metrics for the core and the handlers."""
+"""The one place that configures logging and metrics for the core and the handlers, and the
+registry of every custom metric the code emits (names, units, dimensions): the CloudWatch
+dashboard in template.yaml and docs/reliability.md are checked against it."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from enum import StrEnum
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.metrics.functions import is_metrics_disabled
 
 from core.settings import get_settings
 
 SERVICE_NAME = "matchmaker"
+# The template sets POWERTOOLS_METRICS_NAMESPACE to the same value (a test checks it).
+METRICS_NAMESPACE = "Matchmaker"
 
 logger = Logger(service=SERVICE_NAME, level=get_settings().log_level)
-metrics = Metrics(namespace="Matchmaker", service=SERVICE_NAME)
+metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE_NAME)
 tracer = Tracer(service=SERVICE_NAME)
+
+
+class Dimension(StrEnum):
+    """Dimension names. Powertools adds service=matchmaker to every metric; nothing else
+    is added, so each metric is one CloudWatch metric (one dimension set, one value)."""
+
+    SERVICE = "service"
+
+
+class MetricName(StrEnum):
+    """Every custom metric: `add_metric(name=MetricName.X, ...)` is the only way to name one."""
+
+    USERS_MATCHED = "UsersMatched"
+    BATCHES_PROCESSED = "BatchesProcessed"
+    BATCH_DURATION_SECONDS = "BatchDurationSeconds"
+    QUEUE_DEPTH = "QueueDepth"
+    # pending rows per queue priority (0 rematch ... 3 newcomer): four names rather than a
+    # Priority dimension - the same four CloudWatch metrics, but they stay in the one EMF
+    # record per run with the one dimension set (another dimension set needs a record per
+    # value, which Powertools' single_metric prints even when metrics are disabled)
+    QUEUE_PENDING_P0 = "QueuePendingP0"
+    QUEUE_PENDING_P1 = "QueuePendingP1"
+    QUEUE_PENDING_P2 = "QueuePendingP2"
+    QUEUE_PENDING_P3 = "QueuePendingP3"
+    OLDEST_PENDING_AGE_SECONDS = "OldestPendingAgeSeconds"
+    NEWCOMER_LATENCY_MS = "NewcomerLatencyMs"
+    DEAD_LETTERS = "DeadLetters"
+    DEAD_LETTERS_REDRIVEN = "DeadLettersRedriven"
+    FAN_OUT_RUNS = "FanOutRuns"
+    PROVIDER_RETRIES = "ProviderRetries"
+    PROVIDER_FAULTS = "ProviderFaults"
+    PROVIDER_FALLBACKS = "ProviderFallbacks"
+    ATTENDEES_UPSERTED = "AttendeesUpserted"
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    unit: MetricUnit
+    emitted_by: str
+    meaning: str
+    dimensions: tuple[Dimension, ...] = (Dimension.SERVICE,)
+
+
+_MATCHMAKER = "MatchmakerFunction (handlers/matchmaker.py)"
+_PENDING = "Pending rows of priority {p} ({what}) in the whole queue at the end of a run."
+
+METRICS: dict[MetricName, MetricSpec] = {
+    MetricName.USERS_MATCHED: MetricSpec(
+        MetricUnit.Count, _MATCHMAKER, "Queue rows completed (users whose lists are current)."
+    ),
+    MetricName.BATCHES_PROCESSED: MetricSpec(
+        MetricUnit.Count, _MATCHMAKER, "Batches claimed and settled in a run."
+    ),
+    MetricName.BATCH_DURATION_SECONDS: MetricSpec(
+        MetricUnit.Seconds, _MATCHMAKER, "Mean duration of a run's batches."
+    ),
+    MetricName.QUEUE_DEPTH: MetricSpec(
+        MetricUnit.Count, _MATCHMAKER, "Live queue rows (pending and running) after a run."
+    ),
+    MetricName.QUEUE_PENDING_P0: MetricSpec(
+        MetricUnit.Count, _MATCHMAKER, _PENDING.format(p=0, what="rematch, changed settings")
+    ),
+    MetricName.QUEUE_PENDING_P1: MetricSpec(
+        MetricUnit.Count, _MATCHMAKER, _PENDING.format(p=1, what="a neighbour left")
+    ),
+    MetricName.QUEUE_PENDING_P2: MetricSpec(
+        MetricUnit.Count, _MATCHMAKER, _PENDING.format(p=2, what="profile update, dismissal")
+    ),
+    MetricName.QUEUE_PENDING_P3: MetricSpec(
+        MetricUnit.Count, _MATCHMAKER, _PENDING.format(p=3, what="newcomer")
+    ),
+    MetricName.OLDEST_PENDING_AGE_SECONDS: MetricSpec(
+        MetricUnit.Seconds, _MATCHMAKER, "Age of the oldest pending row after a run (alarmed)."
+    ),
+    MetricName.NEWCOMER_LATENCY_MS: MetricSpec(
+        MetricUnit.Milliseconds,
+        _MATCHMAKER,
+        "One value per newcomer (a row queued by a join): from its enqueue to the commit "
+        "that wrote its list.",
+    ),
+    MetricName.DEAD_LETTERS: MetricSpec(
+        MetricUnit.Count, _MATCHMAKER, "Users whose attempts ran out in a run (sent to the DLQ)."
+    ),
+    MetricName.DEAD_LETTERS_REDRIVEN: MetricSpec(
+        MetricUnit.Count,
+        "RedriveFunction (handlers/redrive.py)",
+        "Dead users put back into the queue from the redrive queue.",
+    ),
+    MetricName.FAN_OUT_RUNS: MetricSpec(
+        MetricUnit.Count, _MATCHMAKER, "Helper runs a run started for a big backlog."
+    ),
+    MetricName.PROVIDER_RETRIES: MetricSpec(
+        MetricUnit.Count,
+        "core/embedding/openai_provider.py (worker, API trigger)",
+        "Embeddings API requests retried after a 429, a 5xx, a timeout or a lost connection.",
+    ),
+    MetricName.PROVIDER_FAULTS: MetricSpec(
+        MetricUnit.Count,
+        "core/embedding/openai_provider.py (worker, API trigger)",
+        "Embeddings API requests that failed for good (retries or time ran out, rejected, "
+        "malformed answer): their users are failed and retried later.",
+    ),
+    MetricName.PROVIDER_FALLBACKS: MetricSpec(
+        MetricUnit.Count,
+        _MATCHMAKER,
+        "Users of events that ask for OpenAI embedded by the local embedder (no key set).",
+    ),
+    MetricName.ATTENDEES_UPSERTED: MetricSpec(
+        MetricUnit.Count, "ApiFunction (handlers/api.py)", "Attendees created or updated."
+    ),
+}
+
+
+def metrics_enabled() -> bool:
+    """False when POWERTOOLS_METRICS_DISABLED (local runs). Metrics with many values per
+    run check it: Powertools prints a metric early every 100 values, even when disabled."""
+    return not is_metrics_disabled()
 
 
 def quiet_for_cli(level: int = logging.WARNING) -> None:

@@ -16,9 +16,9 @@ from core.data import repository as repo
 from core.data.connections import ConnectionCache
 from core.data.repository import Conn, QueueOutcome
 from core.models import EventCode
-from core.observability import logger, metrics, tracer
+from core.observability import MetricName, logger, metrics, metrics_enabled, tracer
 from core.queue.deadline import monotonic_deadline
-from core.queue.worker import Matchmaker, run_worker
+from core.queue.worker import Matchmaker, WorkerReport, run_worker
 from core.settings import get_settings
 
 connections = ConnectionCache("matchmaker-worker")
@@ -53,8 +53,44 @@ def fan_out(conn: Conn, function_name: str) -> int:
     helpers = min(settings.max_parallel_workers - 1, wanted)
     started = sum(aws.invoke_matchmaker(function_name, None, "fan-out") for _ in range(helpers))
     if started:
-        metrics.add_metric(name="FanOutRuns", unit=MetricUnit.Count, value=started)
+        metrics.add_metric(name=MetricName.FAN_OUT_RUNS, unit=MetricUnit.Count, value=started)
     return started
+
+
+def add_run_metrics(conn: Conn, report: WorkerReport) -> None:
+    """What a run did and what it left behind (docs/reliability.md, the dashboard)."""
+    metrics.add_metric(name=MetricName.USERS_MATCHED, unit=MetricUnit.Count, value=report.completed)
+    metrics.add_metric(
+        name=MetricName.BATCHES_PROCESSED, unit=MetricUnit.Count, value=report.batches
+    )
+    if report.batches:
+        metrics.add_metric(
+            name=MetricName.BATCH_DURATION_SECONDS,
+            unit=MetricUnit.Seconds,
+            value=report.elapsed_s / report.batches,
+        )
+    metrics.add_metric(
+        name=MetricName.QUEUE_DEPTH, unit=MetricUnit.Count, value=repo.live_queue_depth(conn)
+    )
+    p0, p1, p2, p3 = repo.pending_by_priority(conn)
+    metrics.add_metric(name=MetricName.QUEUE_PENDING_P0, unit=MetricUnit.Count, value=p0)
+    metrics.add_metric(name=MetricName.QUEUE_PENDING_P1, unit=MetricUnit.Count, value=p1)
+    metrics.add_metric(name=MetricName.QUEUE_PENDING_P2, unit=MetricUnit.Count, value=p2)
+    metrics.add_metric(name=MetricName.QUEUE_PENDING_P3, unit=MetricUnit.Count, value=p3)
+    metrics.add_metric(
+        name=MetricName.OLDEST_PENDING_AGE_SECONDS,
+        unit=MetricUnit.Seconds,
+        value=repo.oldest_pending_age_s(conn),
+    )
+    if report.fallback_users:
+        metrics.add_metric(
+            name=MetricName.PROVIDER_FALLBACKS, unit=MetricUnit.Count, value=report.fallback_users
+        )
+    if metrics_enabled():  # one value per newcomer: CloudWatch computes the percentiles
+        for latency_ms in report.newcomer_latencies_ms:
+            metrics.add_metric(
+                name=MetricName.NEWCOMER_LATENCY_MS, unit=MetricUnit.Milliseconds, value=latency_ms
+            )
 
 
 @logger.inject_lambda_context(log_event=False)
@@ -69,7 +105,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     conn = connections.get(settings)
 
     def dead_letters(outcomes: list[QueueOutcome]) -> None:
-        metrics.add_metric(name="DeadLetters", unit=MetricUnit.Count, value=len(outcomes))
+        metrics.add_metric(name=MetricName.DEAD_LETTERS, unit=MetricUnit.Count, value=len(outcomes))
         if settings.dead_letter_queue_url:
             aws.send_dead_letters(conn, settings.dead_letter_queue_url, outcomes)
 
@@ -81,17 +117,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     except Exception:
         connections.discard()  # a broken connection must not poison the next invocation
         raise
-    oldest = repo.oldest_pending_age_s(conn)
-    metrics.add_metric(name="UsersMatched", unit=MetricUnit.Count, value=report.completed)
-    metrics.add_metric(name="BatchesProcessed", unit=MetricUnit.Count, value=report.batches)
-    metrics.add_metric(name="QueueDepth", unit=MetricUnit.Count, value=repo.live_queue_depth(conn))
-    metrics.add_metric(name="OldestPendingAgeSeconds", unit=MetricUnit.Seconds, value=oldest)
-    if report.batches:
-        metrics.add_metric(
-            name="BatchDurationSeconds",
-            unit=MetricUnit.Seconds,
-            value=report.elapsed_s / report.batches,
-        )
+    add_run_metrics(conn, report)
     summary = {
         "source": invocation.source,
         "fanned_out": helpers,

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from core.data import repository as repo
 from core.data.connections import ConnectionCache
-from core.observability import logger, metrics, tracer
+from core.observability import MetricName, logger, metrics, tracer
 from core.settings import get_settings
 
 processor = BatchProcessor(event_type=EventType.SQS)
@@ -42,7 +42,7 @@ def redrive_record(record: SQSRecord) -> int:
     letter = DeadLetter.model_validate_json(record.body)
     conn = connections.get(get_settings())
     requeued = repo.redrive_dead(conn, letter.event_id, [letter.profile_id])
-    metrics.add_metric(name="DeadLettersRedriven", unit=MetricUnit.Count, value=requeued)
+    metrics.add_metric(name=MetricName.DEAD_LETTERS_REDRIVEN, unit=MetricUnit.Count, value=requeued)
     logger.info(
         "redrive",
         extra={"event_id": letter.event_id, "profile_id": letter.profile_id, "requeued": requeued},

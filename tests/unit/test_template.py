@@ -8,6 +8,7 @@ run the AWS tooling.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import tomllib
@@ -18,7 +19,16 @@ from typing import Any
 
 import pytest
 import yaml
+from aws_lambda_powertools.metrics import MetricUnit
 
+from core.observability import (
+    METRICS,
+    METRICS_NAMESPACE,
+    SERVICE_NAME,
+    Dimension,
+    MetricName,
+    metrics,
+)
 from core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -885,3 +895,268 @@ def test_environment_and_parameter_bounds_pass_settings_validation(
                     Settings(**{**literal, field: param[bound]})
             for allowed in param.get("AllowedValues", []):
                 Settings(**{**literal, field: allowed})
+
+
+# --- the dashboard: the metrics the code emits, the alarms, this stack's resources ---------
+# The dashboard body is a JSON string in !Sub. It is read with each ${Variable} replaced by
+# a placeholder: a parameter by its default, anything else (a resource, an attribute, a
+# pseudo parameter) by "<Variable>", so a widget's dimension value says what it refers to.
+
+SUB_VARIABLE = re.compile(r"\$\{([^}!][^}]*)\}")
+SRC = ROOT / "src"
+# The HTTP API (API Gateway v2) metric names; REST APIs' 4XXError / 5XXError do not exist
+# for an HTTP API and would draw nothing.
+HTTP_API_METRICS = {"4xx", "5xx", "Count", "Latency", "IntegrationLatency", "DataProcessed"}
+
+
+def dashboard_variables(template: dict[str, Any]) -> set[str]:
+    [dashboard] = resources(template, "AWS::CloudWatch::Dashboard").values()
+    body = dashboard["Properties"]["DashboardBody"]
+    assert set(body) == {"Fn::Sub"} and isinstance(body["Fn::Sub"], str)
+    return set(SUB_VARIABLE.findall(body["Fn::Sub"]))
+
+
+def dashboard_body(template: dict[str, Any]) -> dict[str, Any]:
+    [dashboard] = resources(template, "AWS::CloudWatch::Dashboard").values()
+
+    def placeholder(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name in template["Parameters"]:
+            return str(template["Parameters"][name]["Default"])
+        return f"<{name}>"
+
+    body = json.loads(
+        SUB_VARIABLE.sub(placeholder, dashboard["Properties"]["DashboardBody"]["Fn::Sub"])
+    )
+    assert isinstance(body, dict)
+    return body
+
+
+def widgets(template: dict[str, Any], type_: str) -> list[dict[str, Any]]:
+    return [w["properties"] for w in dashboard_body(template)["widgets"] if w["type"] == type_]
+
+
+def widget_metrics(
+    properties: dict[str, Any],
+) -> list[tuple[str, str, dict[str, str], dict[str, Any]]]:
+    """(namespace, metric name, dimensions, rendering options) of each graphed metric; a
+    "." repeats the value of the row above, as in CloudWatch's own shorthand."""
+    rows: list[tuple[str, str, dict[str, str], dict[str, Any]]] = []
+    previous: list[Any] = []
+    for raw in properties.get("metrics", []):
+        options = raw[-1] if raw and isinstance(raw[-1], dict) else {}
+        fields = [
+            previous[i] if v == "." else v for i, v in enumerate(raw[: len(raw) - bool(options)])
+        ]
+        assert "expression" not in options, "metric math: check its inputs instead"
+        namespace, name, *pairs = fields
+        assert len(pairs) % 2 == 0, f"dimension without a value in {raw}"
+        rows.append((namespace, name, dict(zip(pairs[::2], pairs[1::2], strict=True)), options))
+        previous = fields
+    return rows
+
+
+def all_widget_metrics(
+    template: dict[str, Any],
+) -> list[tuple[str, str, dict[str, str], dict[str, Any]]]:
+    return [row for w in widgets(template, "metric") for row in widget_metrics(w)]
+
+
+def metric_calls() -> list[tuple[str, ast.Call]]:
+    """Every add_metric / single_metric call under src/, with its file."""
+    calls = []
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                func = node.func
+                called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                if called in {"add_metric", "single_metric"}:
+                    calls.append((path.relative_to(ROOT).as_posix(), node))
+    return calls
+
+
+def _keyword(call: ast.Call, name: str) -> ast.expr:
+    [value] = [k.value for k in call.keywords if k.arg == name]
+    return value
+
+
+def emitted_metric(call: ast.Call) -> tuple[MetricName, str]:
+    """The registered metric and the unit (as CloudWatch spells it) of one call. Names are
+    MetricName members; a literal is tolerated only if it is a registered name (the API
+    handler's AttendeesUpserted, until it uses MetricName too)."""
+    name, unit = _keyword(call, "name"), _keyword(call, "unit")
+    if isinstance(name, ast.Attribute) and isinstance(name.value, ast.Name):
+        assert name.value.id == "MetricName", ast.unparse(call)
+        metric = MetricName[name.attr]
+    else:
+        assert isinstance(name, ast.Constant) and name.value in set(MetricName), ast.unparse(call)
+        metric = MetricName(name.value)
+    if isinstance(unit, ast.Attribute) and ast.unparse(unit.value) == "MetricUnit":
+        return metric, MetricUnit[unit.attr].value
+    assert isinstance(unit, ast.Constant), ast.unparse(call)
+    return metric, str(unit.value)
+
+
+def test_the_dashboard_names_only_this_stacks_resources_and_parameters(
+    template: dict[str, Any],
+) -> None:
+    variables = dashboard_variables(template)
+    assert variables, "the dashboard must name this stack's resources through !Sub"
+    for variable in variables:
+        if variable.startswith("AWS::"):
+            assert variable in {"AWS::Region", "AWS::StackName", "AWS::AccountId", "AWS::Partition"}
+        elif variable not in template["Parameters"]:
+            assert variable.split(".")[0] in template["Resources"], variable
+    body = dashboard_body(template)
+    assert body["widgets"]
+    for properties in widgets(template, "metric"):
+        assert properties["region"] == "<AWS::Region>", properties["title"]
+
+
+def test_the_namespace_and_service_are_the_ones_the_code_emits_with(
+    template: dict[str, Any],
+) -> None:
+    variables = globals_function(template)["Environment"]["Variables"]
+    assert variables["POWERTOOLS_METRICS_NAMESPACE"] == METRICS_NAMESPACE
+    assert variables["POWERTOOLS_SERVICE_NAME"] == SERVICE_NAME
+    assert metrics.namespace == METRICS_NAMESPACE
+
+
+def test_every_custom_metric_on_the_dashboard_and_in_alarms_is_one_the_code_emits(
+    template: dict[str, Any],
+) -> None:
+    """Same namespace, name and dimension set as the registry in core/observability.py
+    (and the code's add_metric calls are checked against that registry below)."""
+    custom = [
+        (name, dimensions)
+        for namespace, name, dimensions, _ in all_widget_metrics(template)
+        if namespace == METRICS_NAMESPACE
+    ]
+    for alarm in resources(template, "AWS::CloudWatch::Alarm").values():
+        props = alarm["Properties"]
+        if props["Namespace"] == METRICS_NAMESPACE:
+            custom.append(
+                (props["MetricName"], {d["Name"]: d["Value"] for d in props["Dimensions"]})
+            )
+    assert custom
+    for name, dimensions in custom:
+        assert name in set(MetricName), f"{name} is not emitted by the code"
+        spec = METRICS[MetricName(name)]
+        assert set(dimensions) == {str(d) for d in spec.dimensions}, name
+        assert dimensions[Dimension.SERVICE] == SERVICE_NAME, name
+    namespaces = {namespace for namespace, *_ in all_widget_metrics(template)}
+    assert namespaces == {METRICS_NAMESPACE, "AWS/SQS", "AWS/ApiGateway", "AWS/Lambda"}
+
+
+def test_the_dashboard_shows_what_operators_asked_for(template: dict[str, Any]) -> None:
+    shown: dict[str, set[str]] = {}
+    for namespace, name, _, options in all_widget_metrics(template):
+        if namespace == METRICS_NAMESPACE:
+            shown.setdefault(name, set()).add(options.get("stat", ""))
+    for metric in (
+        MetricName.QUEUE_PENDING_P0,
+        MetricName.QUEUE_PENDING_P1,
+        MetricName.QUEUE_PENDING_P2,
+        MetricName.QUEUE_PENDING_P3,
+        MetricName.USERS_MATCHED,
+        MetricName.DEAD_LETTERS,
+        MetricName.PROVIDER_FAULTS,
+        MetricName.PROVIDER_RETRIES,
+        MetricName.PROVIDER_FALLBACKS,
+    ):
+        assert metric in shown, metric
+    assert shown[MetricName.NEWCOMER_LATENCY_MS] == {"p50", "p95", "Maximum"}
+    [matched] = [w for w in widgets(template, "metric") if "Users matched" in w["title"]]
+    assert (matched["period"], matched["stat"]) == (60, "Sum")  # per minute
+
+
+def test_every_alarm_of_the_stack_is_on_the_dashboard(template: dict[str, Any]) -> None:
+    alarms = set(resources(template, "AWS::CloudWatch::Alarm"))
+    assert alarms
+    [status] = widgets(template, "alarm")
+    assert sorted(status["alarms"]) == sorted(f"<{alarm}.Arn>" for alarm in alarms)
+    # and each alarm that is drawn is drawn with its own metric and threshold
+    drawn = [
+        arn
+        for w in widgets(template, "metric")
+        for arn in w.get("annotations", {}).get("alarms", [])
+    ]
+    assert drawn and set(drawn) <= set(status["alarms"])
+
+
+def test_aws_metrics_on_the_dashboard_are_of_this_stacks_resources(
+    template: dict[str, Any],
+) -> None:
+    expected_dimension = {
+        "AWS/SQS": ("QueueName", "AWS::SQS::Queue", ".QueueName"),
+        "AWS/Lambda": ("FunctionName", "AWS::Serverless::Function", ""),
+        "AWS/ApiGateway": ("ApiId", "AWS::Serverless::HttpApi", ""),
+    }
+    seen = set()
+    for namespace, name, dimensions, options in all_widget_metrics(template):
+        if namespace == METRICS_NAMESPACE:
+            continue
+        key, type_, attribute = expected_dimension[namespace]
+        assert list(dimensions) == [key], (namespace, name)
+        own = {f"<{logical}{attribute}>" for logical in resources(template, type_)}
+        assert dimensions[key] in own, (namespace, name, dimensions[key])
+        if namespace == "AWS/ApiGateway":
+            assert name in HTTP_API_METRICS, name
+        seen.add((namespace, name, dimensions[key], options.get("stat")))
+    assert (
+        "AWS/SQS",
+        "ApproximateNumberOfMessagesVisible",
+        "<DeadLetterQueue.QueueName>",
+        "Maximum",
+    ) in seen
+    for name in ("4xx", "5xx"):
+        assert ("AWS/ApiGateway", name, "<HttpApi>", None) in seen
+    assert {stat for ns, name, _, stat in seen if (ns, name) == ("AWS/ApiGateway", "Latency")}
+
+
+def test_matchmaker_duration_is_drawn_against_its_timeout(template: dict[str, Any]) -> None:
+    [duration] = [
+        w
+        for w in widgets(template, "metric")
+        if ("AWS/Lambda", "Duration", {"FunctionName": "<MatchmakerFunction>"})
+        in [row[:3] for row in widget_metrics(w)]
+    ]
+    stats = {row[3].get("stat", duration.get("stat")) for row in widget_metrics(duration)}
+    assert "Maximum" in stats
+    timeout_ms = function_property(template, "MatchmakerFunction", "Timeout") * 1000
+    lines = {a["value"] for a in duration["annotations"]["horizontal"]}
+    assert timeout_ms in lines
+    assert template["Parameters"]["MaxRuntimeMs"]["Default"] in lines
+
+
+def test_every_metric_call_in_the_code_is_registered_with_its_unit() -> None:
+    calls = metric_calls()
+    assert calls
+    emitted: dict[MetricName, set[str]] = {}
+    for path, call in calls:
+        metric, unit = emitted_metric(call)
+        assert unit == METRICS[metric].unit.value, f"{path}: {metric} in {unit}"
+        emitted.setdefault(metric, set()).add(path)
+    # a metric renamed or dropped in the code leaves its registry entry (and the dashboard
+    # and docs that show it) pointing at nothing
+    assert set(emitted) == set(MetricName), set(MetricName) - set(emitted)
+    assert set(METRICS) == set(MetricName)
+
+
+def test_the_docs_list_every_metric_and_every_widget() -> None:
+    """docs/reliability.md's "Dashboard and metrics": one row per registered metric with its
+    unit and dimensions, and every widget of the dashboard by its title."""
+    text = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+    match = re.search(r"^## Dashboard and metrics\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert match, "no '## Dashboard and metrics' section"
+    documented = {}
+    for line in match.group(1).splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 5:
+            documented[cells[0].strip("`")] = (cells[1], cells[2])
+    assert documented == {
+        str(name): (spec.unit.value, ", ".join(f"`{d}`" for d in spec.dimensions))
+        for name, spec in METRICS.items()
+    }
+    titles = [w["properties"]["title"] for w in dashboard_body(_template())["widgets"]]
+    assert [t for t in titles if f"| {t} |" not in match.group(1)] == []

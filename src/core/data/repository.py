@@ -305,9 +305,11 @@ def claim(
     return [ClaimedRow(*row) for row in rows]
 
 
-def lock_queue_rows(conn: Conn, queue_ids: Sequence[int]) -> None:
-    """Lock rows in the queue's lock order (call inside the transaction that settles them)."""
-    conn.execute(query("lock_queue_rows"), {"queue_ids": list(queue_ids)})
+def lock_queue_rows(conn: Conn, queue_ids: Sequence[int]) -> dict[int, float]:
+    """Lock rows in the queue's lock order (call inside the transaction that settles them);
+    returns the milliseconds each has waited since it was enqueued, by queue id."""
+    rows = conn.execute(query("lock_queue_rows"), {"queue_ids": list(queue_ids)}).fetchall()
+    return {int(queue_id): float(waited_ms) for queue_id, waited_ms in rows}
 
 
 def complete(conn: Conn, queue_ids: Sequence[int], lease_token: uuid.UUID) -> int:
@@ -526,6 +528,13 @@ def export_lists(conn: Conn, event_id: int) -> list[dict[str, Any]]:
 def live_queue_depth(conn: Conn) -> int:
     row = conn.execute(query("live_queue_count")).fetchone()
     return int(row[0]) if row else 0
+
+
+def pending_by_priority(conn: Conn) -> tuple[int, int, int, int]:
+    """Pending rows of the whole queue at priorities 0, 1, 2 and 3."""
+    row = conn.execute(query("pending_by_priority")).fetchone()
+    p0, p1, p2, p3 = (int(n) for n in row) if row else (0, 0, 0, 0)
+    return p0, p1, p2, p3
 
 
 def oldest_pending_age_s(conn: Conn) -> float:

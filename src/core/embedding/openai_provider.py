@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import openai
+from aws_lambda_powertools.metrics import MetricUnit
 
 from core.embedding.errors import EmbeddingError, ProviderUnavailableError
 from core.embedding.vectors import BLOCKS, quantize_blocks
 from core.models import Profile
-from core.observability import logger
+from core.observability import MetricName, logger, metrics
 
 DEFAULT_MODEL = "text-embedding-3-small"
 DEFAULT_DIMENSIONS = 256
@@ -99,6 +100,13 @@ class OpenAIEmbedder:
         return out
 
     def _request(self, texts: list[str], deadline: float | None) -> list[np.ndarray]:
+        try:
+            return self._attempts(texts, deadline)
+        except EmbeddingError:
+            metrics.add_metric(name=MetricName.PROVIDER_FAULTS, unit=MetricUnit.Count, value=1)
+            raise
+
+    def _attempts(self, texts: list[str], deadline: float | None) -> list[np.ndarray]:
         for attempt in range(1, self.max_attempts + 1):
             timeout = self._timeout(deadline)
             try:
@@ -120,6 +128,7 @@ class OpenAIEmbedder:
                         f"{type(exc).__name__}: {exc}"
                     ) from exc
                 logger.warning("embeddings API retry", extra={"attempt": attempt, "wait_s": wait})
+                metrics.add_metric(name=MetricName.PROVIDER_RETRIES, unit=MetricUnit.Count, value=1)
                 self.sleep(wait)
             except openai.APIStatusError as exc:  # 4xx other than 429: retrying will not help
                 raise EmbeddingError(f"embeddings API rejected the request: {exc}") from exc

@@ -40,6 +40,9 @@ HEADROOM_FACTOR = 1.5
 # core scores ~5e7 pairs/s including top-k; a bigger batch soon measures the real one).
 INITIAL_ROW_SECONDS = 1e-3
 INITIAL_PAIR_SECONDS = 5e-8
+# The queue reason of a row enqueued by a join (db/migrations/0003_triggers.sql): its
+# wait until the list is written is the newcomer latency operators watch.
+NEWCOMER_REASON = "join"
 
 
 EmbedderFactory = Callable[[EventRecord], Embedder]
@@ -61,6 +64,10 @@ class BatchResult:
     dead: list[QueueOutcome]
     duration_s: float
     error: str | None = None
+    # for the metrics: each completed newcomer's wait from enqueue to the list's commit
+    newcomer_latencies_ms: list[float] = field(default_factory=list)
+    # users of an event that asks for OpenAI, embedded locally (no key configured)
+    fallback_users: int = 0
 
 
 @dataclass
@@ -79,6 +86,7 @@ class StartedBatch:
     embed_s: float = 0.0
     match_s: float = 0.0
     error: Exception | None = None
+    fallback: bool = False
 
 
 @dataclass
@@ -92,9 +100,13 @@ class WorkerReport:
     dead: list[QueueOutcome] = field(default_factory=list)
     stopped: str = "drained"
     elapsed_s: float = 0.0
+    newcomer_latencies_ms: list[float] = field(default_factory=list)
+    fallback_users: int = 0
 
     def add(self, batch: BatchResult) -> None:
         self.batches += 1
+        self.newcomer_latencies_ms += batch.newcomer_latencies_ms
+        self.fallback_users += batch.fallback_users
         self.claimed += batch.claimed
         self.completed += batch.completed
         self.failed += batch.failed
@@ -266,6 +278,9 @@ class Matchmaker:
             if event is None:
                 raise LookupError(f"event {event_id} no longer exists")
             started.embedder = embedder = self.embedder_for(event)
+            started.fallback = event.settings.embedder == "openai" and not embedder.key.startswith(
+                "openai:"
+            )
             started.ready = self._embed(conn, embedder, claimed, started.failures)
             started.embed_s = time.monotonic() - started.t0
             t_prepare = time.monotonic()
@@ -307,7 +322,8 @@ class Matchmaker:
                     if state is not started.state:  # dropped or replaced meanwhile
                         prepared = state.prepare(prepared.profile_ids)
                     changes = state.apply(prepared)
-                    repo.lock_queue_rows(conn, [row.queue_id for row in claimed])
+                    waited_ms = repo.lock_queue_rows(conn, [row.queue_id for row in claimed])
+                    t_locked = time.monotonic()
                     written = repo.write_lists(conn, event_id, changes.lists)
                     if written:
                         state.lists_version = repo.bump_lists_version(conn, event_id)
@@ -330,6 +346,12 @@ class Matchmaker:
             except Exception as exc:
                 started.error = exc
             else:
+                committed_ms = (time.monotonic() - t_locked) * 1000
+                newcomers = [
+                    waited_ms[row.queue_id] + committed_ms
+                    for row in started.ready
+                    if row.reason == NEWCOMER_REASON and row.queue_id in waited_ms
+                ]
                 match_s = started.match_s + time.monotonic() - t_apply
                 pairs = len(claimed) * state.matchable_count
                 self.cost.observe(len(claimed), pairs, started.embed_s, match_s)
@@ -343,6 +365,8 @@ class Matchmaker:
                     written,
                     dead,
                     time.monotonic() - started.t0,
+                    newcomer_latencies_ms=newcomers,
+                    fallback_users=len(claimed) if started.fallback else 0,
                 )
 
         # The in-memory state may hold changes that were rolled back: rebuild it.

@@ -74,9 +74,13 @@ SELECT queue_id, event_id, profile_id, priority, reason, attempts, lease_token
 
 -- name: lock_queue_rows
 -- The queue's one lock order (db/migrations/0007_lock_order.sql): a transaction that
--- completes some rows and fails others locks them all in this order first.
-SELECT count(*) FROM (
-    SELECT 1 FROM matchmaking_queue q WHERE q.id = ANY (%(queue_ids)s)
+-- completes some rows and fails others locks them all in this order first. Returns how
+-- long each row has waited since it was enqueued (ms, on the database's clock, so a
+-- Lambda's clock skew cannot bend it): the newcomer-latency metric.
+SELECT locked.id, locked.waited_ms FROM (
+    SELECT q.id, extract(epoch FROM clock_timestamp() - q.enqueued_at)::float8 * 1000
+           AS waited_ms
+      FROM matchmaking_queue q WHERE q.id = ANY (%(queue_ids)s)
      ORDER BY q.event_id, q.profile_id, q.id FOR UPDATE
 ) AS locked
 
@@ -336,6 +340,12 @@ SELECT e.id AS event_id, e.code AS event_code, p.id AS profile_id, p.user_id
   FROM unnest(%(event_ids)s::bigint[], %(profile_ids)s::bigint[]) AS o(event_id, profile_id)
   JOIN events e ON e.id = o.event_id
   JOIN profiles p ON p.id = o.profile_id
+
+-- name: pending_by_priority
+-- Pending rows of the whole queue per priority (the QueuePendingP0..P3 metrics).
+SELECT count(*) FILTER (WHERE priority = 0), count(*) FILTER (WHERE priority = 1),
+       count(*) FILTER (WHERE priority = 2), count(*) FILTER (WHERE priority = 3)
+  FROM matchmaking_queue WHERE status = 'pending'
 
 -- name: oldest_pending_age
 SELECT coalesce(extract(epoch FROM now() - min(enqueued_at)), 0)::float8
