@@ -270,9 +270,15 @@ def start_matching(code: Code, body: StartIn) -> Response[EnqueueOut]:
 
 @app.get("/admin/events/<code>/status", responses=answers({200: "progress"}, 404))
 def status(code: Code) -> StatusOut:
+    """The event's state, its queue now and lifetime totals, coverage and exposure of the
+    lists, the embedder serving it, and the dead-letter queue shared by all events."""
     settings = get_settings()
     return service.status(
-        _conn(), _principal(), code, lambda: aws.queue_depth(settings.dead_letter_queue_url)
+        _conn(),
+        _principal(),
+        code,
+        settings,
+        lambda: aws.queue_depth(settings.dead_letter_queue_url),
     )
 
 
