@@ -52,7 +52,7 @@ WATCH_DEFAULT_S = 2.0
 CLEAR_SCREEN = "\x1b[H\x1b[2J"  # cursor home, clear: a terminal redraws in place
 
 RUN_EXIT_CODES = """exit status:
-  0  no user is dead; the last line says whether the queue is drained or who still
+  0  no user is dead; the "stopped:" line says whether the queue is drained or who still
      waits (for a retry, in a paused event, after --max-seconds) and until when
   1  users are dead (attempts used up) in some event: `matchmaker status EVENT`
   2  bad usage, or the database cannot be reached"""

@@ -747,7 +747,7 @@ def test_dead_letters_list_the_dead_and_redrive_requeues_and_they_get_matched(ap
     assert dead[0]["attempts"] == settings.max_attempts
     assert f"provider rejected the profile of {GRACE}" in dead[0]["last_error"]
     assert dead[0]["dead_at"] is not None
-    assert api(request("admin_status")).json["dead"] == 1
+    assert api(request("admin_status")).json["queue"]["dead"] == 1
 
     redriven = api(request("admin_redrive"))
 
@@ -756,6 +756,7 @@ def test_dead_letters_list_the_dead_and_redrive_requeues_and_they_get_matched(ap
     assert api.invocations == [Invocation(WORKER_FUNCTION, "Event", TRIGGER_PAYLOAD, 202)]
     assert queue_of(conn) == [(GRACE, "pending", 2, "redrive")]
     assert api(request("admin_dead_letters")).json == []
+    assert api(request("admin_status")).json["queue"]["dead"] == 0
     drain(conn, settings)
     grace = api(request("get_matches", user_id=GRACE))
     assert len(grace.json["matches"]) == 3

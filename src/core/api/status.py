@@ -33,6 +33,15 @@ def _when(moment: datetime | None) -> str:
     return moment.isoformat(timespec="seconds") if moment else "now"
 
 
+def _users(n: int) -> str:
+    return f"{n} user" if n == 1 else f"{n} users"
+
+
+def _retries(queue: QueueNowOut) -> str:
+    first, last = _when(queue.next_retry_at), _when(queue.last_retry_at)
+    return f"at {first}" if first == last else f"next {first}, last {last}"
+
+
 def job_state(paused: bool, queue: QueueNowOut, coverage: CoverageOut) -> tuple[JobState, str]:
     """The one place the state comes from: the first rule that holds, in this order."""
     if paused:
@@ -45,22 +54,21 @@ def job_state(paused: bool, queue: QueueNowOut, coverage: CoverageOut) -> tuple[
     if queue.dead or queue.waiting_retry or stranded:
         problems = []
         if queue.dead:
-            problems.append(f"{queue.dead} dead (redrive them once the cause is fixed)")
+            problems.append(f"{_users(queue.dead)} dead (redrive them once the cause is fixed)")
         if queue.waiting_retry:
             problems.append(
-                f"{queue.waiting_retry} waiting for a retry (next {_when(queue.next_retry_at)}, "
-                f"last {_when(queue.last_retry_at)})"
+                f"{_users(queue.waiting_retry)} waiting for a retry ({_retries(queue)})"
             )
         if stranded:
             problems.append(
-                f"{stranded} with fewer matches than they could have and nothing queued "
-                "for them (start matching again)"
+                f"{_users(stranded)} with fewer matches than they could have and nothing "
+                "queued for them (start matching again)"
             )
-        return "needs_attention", "users " + "; ".join(problems)
+        return "needs_attention", "; ".join(problems)
     if queue.running:
-        return "running", f"a worker is matching {queue.running} users; {queue.pending} pending"
+        return "running", f"a worker is matching {_users(queue.running)}; {queue.pending} pending"
     if queue.pending:
-        return "queued", f"{queue.pending} users pending; no worker has claimed them yet"
+        return "queued", f"{_users(queue.pending)} pending; no worker has claimed them yet"
     return "idle", (
         "nothing queued; every active attendee has k matches or as many as the event allows"
     )
