@@ -190,17 +190,21 @@ def render_status(status: StatusOut, event: EventRecord) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _watch(snapshot: Callable[[], str], interval_s: float, out: TextIO) -> int:
+def _watch(
+    snapshot: Callable[[], str], interval_s: float, out: TextIO, *, stamped: bool = True
+) -> int:
     """Print snapshots until Ctrl-C: redrawn in place on a terminal, one after another
-    (each with its time) otherwise."""
+    otherwise (each after a line with its time when `stamped`; JSON lines are not)."""
     in_place = out.isatty()
     try:
         while True:
             text = snapshot()
             if in_place:
                 out.write(CLEAR_SCREEN + text)
-            else:
+            elif stamped:
                 out.write(f"--- {datetime.now(UTC).isoformat(timespec='seconds')}\n{text}")
+            else:
+                out.write(text)
             out.flush()
             time.sleep(interval_s)
     except KeyboardInterrupt:
@@ -232,7 +236,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             return EXIT_OK
         # Ctrl-C ends the watch: a background job of a script inherits "ignore SIGINT".
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        return _watch(snapshot, args.watch, sys.stdout)
+        return _watch(snapshot, args.watch, sys.stdout, stamped=not args.json)
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
