@@ -191,6 +191,30 @@ def test_every_job_state_is_reached_for_real_and_totals_stay_apart_from_now(conn
     assert again.queue.pending == again.queue.running == again.queue.dead == 0
 
 
+def test_users_of_a_vanished_worker_wait_for_a_retry_not_running(conn, settings):
+    """Given 3 users claimed by a worker that vanished (its lease ran out), the status
+    counts them as waiting for a retry (due since the lease ended), not running; the
+    next worker recovers and matches them and the event is idle."""
+    event = add_attendees(conn, "st-lease", generate_profiles(5, seed=14, id_prefix="lv-"), k=2)
+    claimed = repo.claim(conn, 3, 0.05, event.id)
+    assert len(claimed) == 3
+    time.sleep(0.2)
+
+    vanished = status_of(conn, event, settings)
+
+    assert (vanished.queue.running, vanished.queue.waiting_retry, vanished.queue.pending) == (
+        0,
+        3,
+        2,
+    )
+    assert vanished.state == "needs_attention"
+    assert vanished.queue.next_retry_at is not None
+    assert vanished.queue.next_retry_at <= datetime.now(UTC)
+    report = drain(conn, Matchmaker(settings))
+    assert (report.recovered, report.completed) == (3, 5)
+    assert status_of(conn, event, settings).state == "idle"
+
+
 def test_an_attendee_without_the_list_they_could_have_and_nothing_queued_needs_attention(
     conn, settings
 ):

@@ -86,8 +86,11 @@ class QueueNowOut(BaseModel):
         description="users waiting for their first attempt, by priority '0'-'3' (3 first)"
     )
     pending: int = Field(description="sum of pending_by_priority")
-    running: int = Field(description="users a worker has claimed and is matching")
-    waiting_retry: int = Field(description="users whose attempt failed, waiting for a retry")
+    running: int = Field(description="users a worker has claimed and is matching (live lease)")
+    waiting_retry: int = Field(
+        description="users whose attempt failed or whose worker vanished (lease ran out), "
+        "waiting for a retry"
+    )
     next_retry_at: datetime | None = Field(description="earliest retry of a waiting user")
     last_retry_at: datetime | None = Field(description="latest retry of a waiting user")
     dead: int = Field(description="this event's users dead now (attempts used up)")

@@ -386,9 +386,10 @@ ON CONFLICT (event_id, profile_id, matched_profile_id) DO UPDATE
 SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY
 
 -- name: status_queue_now
--- The event's queue as it is now (admin status, CLI status). A pending row that has
--- failed before (attempts > 0) waits for a retry, whether or not its backoff is over; a
--- dead row counts only while the user has no live row (an edit or redrive re-queued them).
+-- The event's queue as it is now (admin status, CLI status). Waiting for a retry: a
+-- pending row that has failed before (attempts > 0), whether or not its backoff is over,
+-- and a running row whose lease ran out (its worker vanished; the next run recovers it).
+-- A dead row counts only while the user has no live row (an edit or redrive re-queued them).
 SELECT count(*) FILTER (WHERE q.status = 'pending' AND q.attempts = 0 AND q.priority = 0)
            AS pending_p0,
        count(*) FILTER (WHERE q.status = 'pending' AND q.attempts = 0 AND q.priority = 1)
@@ -397,12 +398,10 @@ SELECT count(*) FILTER (WHERE q.status = 'pending' AND q.attempts = 0 AND q.prio
            AS pending_p2,
        count(*) FILTER (WHERE q.status = 'pending' AND q.attempts = 0 AND q.priority = 3)
            AS pending_p3,
-       count(*) FILTER (WHERE q.status = 'running') AS running,
-       count(*) FILTER (WHERE q.status = 'pending' AND q.attempts > 0) AS waiting_retry,
-       min(q.run_after) FILTER (WHERE q.status = 'pending' AND q.attempts > 0)
-           AS next_retry_at,
-       max(q.run_after) FILTER (WHERE q.status = 'pending' AND q.attempts > 0)
-           AS last_retry_at,
+       count(*) FILTER (WHERE q.status = 'running' AND q.lease_expires_at >= now()) AS running,
+       count(*) FILTER (WHERE r.retry_at IS NOT NULL) AS waiting_retry,
+       min(r.retry_at) AS next_retry_at,
+       max(r.retry_at) AS last_retry_at,
        count(DISTINCT q.profile_id) FILTER (
            WHERE q.status = 'dead' AND NOT EXISTS (
                SELECT 1 FROM matchmaking_queue l
@@ -411,6 +410,11 @@ SELECT count(*) FILTER (WHERE q.status = 'pending' AND q.attempts = 0 AND q.prio
        extract(epoch FROM now() - min(q.enqueued_at) FILTER (WHERE q.status = 'pending'))::float8
            AS oldest_pending_age_s
   FROM matchmaking_queue q
+  CROSS JOIN LATERAL (
+      SELECT CASE WHEN q.status = 'pending' AND q.attempts > 0 THEN q.run_after
+                  WHEN q.status = 'running' AND q.lease_expires_at < now()
+                  THEN q.lease_expires_at END AS retry_at
+  ) r
  WHERE q.event_id = %(event_id)s
 
 -- name: status_job
@@ -496,22 +500,25 @@ SELECT coalesce(max(times), 0) AS max_appearances,
 
 -- name: status_queue_overview
 -- Every event's queue after a local run (matchmaker run): what is still pending and
--- where, who waits for a retry and until when, who is dead.
+-- where, who waits for a retry (as in status_queue_now) and until when, who is dead.
 SELECT e.code AS event,
        coalesce(j.status = 'paused', false) AS paused,
        count(*) FILTER (WHERE q.status = 'pending' AND q.attempts = 0) AS pending,
-       count(*) FILTER (WHERE q.status = 'running') AS running,
-       count(*) FILTER (WHERE q.status = 'pending' AND q.attempts > 0) AS waiting_retry,
-       min(q.run_after) FILTER (WHERE q.status = 'pending' AND q.attempts > 0)
-           AS next_retry_at,
-       max(q.run_after) FILTER (WHERE q.status = 'pending' AND q.attempts > 0)
-           AS last_retry_at,
+       count(*) FILTER (WHERE q.status = 'running' AND q.lease_expires_at >= now()) AS running,
+       count(*) FILTER (WHERE r.retry_at IS NOT NULL) AS waiting_retry,
+       min(r.retry_at) AS next_retry_at,
+       max(r.retry_at) AS last_retry_at,
        count(DISTINCT q.profile_id) FILTER (
            WHERE q.status = 'dead' AND NOT EXISTS (
                SELECT 1 FROM matchmaking_queue l
                 WHERE l.event_id = q.event_id AND l.profile_id = q.profile_id
                   AND l.status IN ('pending', 'running'))) AS dead
   FROM matchmaking_queue q
+  CROSS JOIN LATERAL (
+      SELECT CASE WHEN q.status = 'pending' AND q.attempts > 0 THEN q.run_after
+                  WHEN q.status = 'running' AND q.lease_expires_at < now()
+                  THEN q.lease_expires_at END AS retry_at
+  ) r
   JOIN events e ON e.id = q.event_id
   LEFT JOIN matchmaking_jobs j ON j.event_id = q.event_id
  GROUP BY e.code, j.status
