@@ -277,7 +277,13 @@ def start_matching(code: Code, body: StartIn) -> Response[StartOut]:
 
 def _start(code: str, body: StartIn) -> Response[StartOut]:
     out = service.start_matching(
-        _conn(), _principal(), code, body, _invoke, dead_letter_depth=_dead_letter_queue_depth
+        _conn(),
+        _principal(),
+        code,
+        body,
+        _invoke,
+        settings=get_settings(),
+        dead_letter_depth=_dead_letter_queue_depth,
     )
     return Response(202, "application/json", out)
 
@@ -288,10 +294,9 @@ def _dead_letter_queue_depth() -> int | None:
 
 @app.get("/admin/events/<code>/status", responses=answers({200: "progress"}, 404))
 def status(code: Code) -> StatusOut:
-    settings = get_settings()
-    return service.status(
-        _conn(), _principal(), code, lambda: aws.queue_depth(settings.dead_letter_queue_url)
-    )
+    """The event's state, its queue now and lifetime totals, coverage and exposure of the
+    lists, the embedder serving it, and the dead-letter queue shared by all events."""
+    return service.status(_conn(), _principal(), code, get_settings(), _dead_letter_queue_depth)
 
 
 @app.post("/admin/events/<code>/pause", responses=answers({204: "paused"}, 404))

@@ -8,13 +8,17 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
 import psycopg
 from pydantic import ValidationError
 
+from core import aws
+from core.api.schemas import StatusOut
+from core.api.status import event_status
 from core.data import repository as repo
 from core.data.connections import DatabaseUnavailableError, connect, resolve_database_url
 from core.data.migrations import MigrationError, migrate
@@ -28,9 +32,11 @@ from tooling.attendee_files import ImportFormatError, format_validation_error
 from tooling.bench import BenchOptions, run_bench
 from tooling.local_runs import (
     default_event,
+    describe_leftover,
     drain,
     import_and_match,
     import_file,
+    leftover,
     open_database,
     recreate_event,
     verify,
@@ -42,6 +48,14 @@ from tooling.synthetic import generate_profiles
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 SHOWN_MISMATCHES = 10
+WATCH_DEFAULT_S = 2.0
+CLEAR_SCREEN = "\x1b[H\x1b[2J"  # cursor home, clear: a terminal redraws in place
+
+RUN_EXIT_CODES = """exit status:
+  0  no user is dead; the "stopped:" line says whether the queue is drained or who still
+     waits (for a retry, in a paused event, after --max-seconds) and until when
+  1  users are dead (attempts used up) in some event: `matchmaker status EVENT`
+  2  bad usage, or the database cannot be reached"""
 
 
 class CliError(Exception):
@@ -59,7 +73,7 @@ def _print_worker_report(report: WorkerReport, out: TextIO) -> None:
     print(
         f"processed {report.completed} users in {report.batches} batches "
         f"({report.failed} failed, {len(report.dead)} dead, {report.lists_written} lists "
-        f"written) in {report.elapsed_s:.2f}s; stopped: {report.stopped}",
+        f"written) in {report.elapsed_s:.2f}s",
         file=out,
     )
 
@@ -124,8 +138,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
             max_seconds=args.max_seconds,
             show_progress=not args.quiet,
         )
+        left = leftover(conn)
     _print_worker_report(report, sys.stdout)
-    return EXIT_PROBLEM if report.dead else EXIT_OK
+    for line in describe_leftover(left, report.stopped):
+        print(line)
+    return EXIT_PROBLEM if left.dead else EXIT_OK
 
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
@@ -139,39 +156,87 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def render_status(status: StatusOut, event: EventRecord) -> str:
+    """The text of `matchmaker status`: the same figures as the admin API's status."""
+    q, c, x, t, e = status.queue, status.coverage, status.exposure, status.totals, status.embedder
+    p = q.pending_by_priority
+    ratio = f"{c.full_ratio:.1%}" if c.full_ratio is not None else "-"
+    gini = f"{x.gini:.3f}" if x.gini is not None else "-"
+    mean = f"{x.mean_appearances:.2f}" if x.mean_appearances is not None else "-"
+    dlq = status.dead_letter_queue
+    depth = "not readable or not configured" if dlq.depth is None else f"{dlq.depth} messages"
+    retry = f" (next {q.next_retry_at.isoformat(timespec='seconds')})" if q.next_retry_at else ""
+    lines = [
+        f"event {event.code} ({event.name}): k={event.settings.k}, "
+        f"exclude_same_company={event.settings.exclude_same_company}",
+        f"  state: {status.state} - {status.state_reason}",
+        f"  now: pending {q.pending} (p3={p['3']} p2={p['2']} p1={p['1']} p0={p['0']}), "
+        f"running {q.running}, waiting for a retry {q.waiting_retry}{retry}, dead {q.dead}",
+        f"  coverage: {c.full_lists}/{c.active} active attendees with a full list ({ratio}), "
+        f"{c.short_lists_few_candidates} short (fewer candidates than k), "
+        f"{c.missing_matches} missing matches, {c.without_list} without a list",
+        f"  exposure: most-listed attendee on {x.max_appearances} lists, mean {mean}, Gini {gini}",
+        f"  embedder: {e.effective or 'unavailable'} (configured {e.configured}): {e.reason}; "
+        f"vectors from {e.vectors_from or '-'}",
+        f"  totals: processed {t.processed}, failed {t.failed}, died {t.died}, "
+        f"batches {t.batches}, lists written {t.lists_written}",
+        f"  throughput: {status.throughput_per_min_5m:.1f}/min (5 min), "
+        f"{status.throughput_per_min_60m:.1f}/min (60 min); last batch "
+        f"{status.last_run_at.isoformat(timespec='seconds') if status.last_run_at else '-'}",
+        f"  dead-letter queue ({dlq.scope}): {depth}",
+    ]
+    if status.last_error:
+        lines.append(f"  last error ({status.last_error_at}): {status.last_error}")
+    return "\n".join(lines) + "\n"
+
+
+def _watch(
+    snapshot: Callable[[], str], interval_s: float, out: TextIO, *, stamped: bool = True
+) -> int:
+    """Print snapshots until Ctrl-C: redrawn in place on a terminal, one after another
+    otherwise (each after a line with its time when `stamped`; JSON lines are not)."""
+    in_place = out.isatty()
+    try:
+        while True:
+            text = snapshot()
+            if in_place:
+                out.write(CLEAR_SCREEN + text)
+            elif stamped:
+                out.write(f"--- {datetime.now(UTC).isoformat(timespec='seconds')}\n{text}")
+            else:
+                out.write(text)
+            out.flush()
+            time.sleep(interval_s)
+    except KeyboardInterrupt:
+        if in_place:
+            out.write("\n")
+        return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     with open_database(settings) as conn:
         event = _event(conn, args.event)
-        status = repo.job_status(conn, event.id)
-        dead = repo.dead_rows(conn, event.id)
-    if args.json:
-        print(json.dumps({"event": event.code, **status, "dead_rows": dead}, default=str, indent=2))
-        return EXIT_OK
-    job, queue, people = status["job"], status["queue"], status["attendees"]
-    print(
-        f"event {event.code} ({event.name}): k={event.settings.k}, "
-        f"exclude_same_company={event.settings.exclude_same_company}"
-    )
-    print(
-        f"  attendees: {people.get('active', 0)} active ({people.get('with_matches', 0)} "
-        f"with matches), {people.get('left_event', 0)} left"
-    )
-    print(
-        f"  job: {job.get('status', 'idle')}, processed {job.get('processed_count', 0)}, "
-        f"failed {job.get('failed_count', 0)}, batches {job.get('batches', 0)}, "
-        f"last batch {job.get('last_batch_at')}"
-    )
-    print(
-        f"  queue: pending p3={queue.get('pending_p3', 0)} p2={queue.get('pending_p2', 0)} "
-        f"p1={queue.get('pending_p1', 0)} p0={queue.get('pending_p0', 0)}, "
-        f"running {queue.get('running', 0)}, dead {queue.get('dead', 0)}, oldest pending "
-        f"{queue.get('oldest_pending_age_s') or 0:.1f}s"
-    )
-    if job.get("last_error"):
-        print(f"  last error ({job.get('last_error_at')}): {job['last_error']}")
-    for row in dead[:SHOWN_MISMATCHES]:
-        print(f"  dead: {row['user_id']} after {row['attempts']} attempts: {row['last_error']}")
-    return EXIT_OK
+
+        def snapshot() -> str:
+            status = event_status(
+                conn, event, settings, lambda: aws.queue_depth(settings.dead_letter_queue_url)
+            )
+            if args.json:
+                return status.model_dump_json(indent=None if args.watch else 2) + "\n"
+            text = render_status(status, event)
+            for row in repo.dead_rows(conn, event.id)[:SHOWN_MISMATCHES]:
+                text += (
+                    f"  dead: {row['user_id']} after {row['attempts']} attempts: "
+                    f"{row['last_error']}\n"
+                )
+            return text
+
+        if args.watch is None:
+            sys.stdout.write(snapshot())
+            return EXIT_OK
+        # Ctrl-C ends the watch: a background job of a script inherits "ignore SIGINT".
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        return _watch(snapshot, args.watch, sys.stdout, stamped=not args.json)
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
@@ -206,6 +271,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
             file=out,
         )
         _print_worker_report(run.report, out)
+        for line in describe_leftover(leftover(conn), run.report.stopped):
+            print(line, file=out)
         lists = repo.export_lists(conn, run.event.id)
         for entry in lists[: args.show]:
             print(f"\n{entry['user_id']}:", file=out)
@@ -316,7 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="event name when the event is created")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("run", help="drain the matching queue locally")
+    p = sub.add_parser(
+        "run",
+        help="drain the matching queue locally",
+        description="Match every queued user of every event until nothing is ready, then "
+        "say whether the queue is drained or who still waits, and until when.",
+        epilog=RUN_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--batch-size", type=int, help="users per batch (default BATCH_SIZE)")
     p.add_argument("--max-seconds", type=float, help="stop after this long")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -327,9 +401,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("status", help="job and queue figures of an event")
+    p = sub.add_parser(
+        "status",
+        help="an event's state, queue, coverage and embedder (as the admin API's status)",
+    )
     p.add_argument("event")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the admin API's status body")
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=WATCH_DEFAULT_S,
+        metavar="SECONDS",
+        help=f"refresh every SECONDS (default {WATCH_DEFAULT_S:g}) until Ctrl-C; in place on "
+        "a terminal, successive snapshots otherwise (one JSON line each with --json)",
+    )
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("verify", help="compare stored lists with a brute-force oracle")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from core.data import repository as repo
@@ -53,6 +54,99 @@ def drain(
     if progress:
         progress.finish(done)
     return report
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """What a local run left in the queue, over every event (repo.queue_overview)."""
+
+    pending: int = 0  # first attempts not made, in events that are not paused
+    paused_pending: int = 0  # first attempts not made, in paused events
+    running: int = 0  # claimed by another worker
+    waiting_retry: int = 0
+    next_retry_at: datetime | None = None
+    last_retry_at: datetime | None = None
+    dead_by_event: dict[str, int] = field(default_factory=dict)
+    paused_events: list[str] = field(default_factory=list)
+
+    @property
+    def dead(self) -> int:
+        return sum(self.dead_by_event.values())
+
+    @property
+    def drained(self) -> bool:
+        """Nothing pending, running or waiting for a retry (dead users are apart)."""
+        return not (self.pending or self.paused_pending or self.running or self.waiting_retry)
+
+
+def leftover(conn: Conn) -> Leftover:
+    pending = paused_pending = running = waiting = 0
+    retries: list[datetime] = []
+    dead: dict[str, int] = {}
+    paused: list[str] = []
+    for row in repo.queue_overview(conn):
+        if row["paused"]:
+            paused_pending += row["pending"]
+            if row["pending"]:
+                paused.append(row["event"])
+        else:
+            pending += row["pending"]
+        running += row["running"]
+        waiting += row["waiting_retry"]
+        retries += [t for t in (row["next_retry_at"], row["last_retry_at"]) if t]
+        if row["dead"]:
+            dead[row["event"]] = row["dead"]
+    return Leftover(
+        pending=pending,
+        paused_pending=paused_pending,
+        running=running,
+        waiting_retry=waiting,
+        next_retry_at=min(retries, default=None),
+        last_retry_at=max(retries, default=None),
+        dead_by_event=dead,
+        paused_events=paused,
+    )
+
+
+def describe_leftover(left: Leftover, stopped: str) -> list[str]:
+    """Why the run stopped, in words: 'drained' only when nothing waits at all."""
+    lines = []
+    if left.drained:
+        lines.append("stopped: drained (nothing pending, running or waiting for a retry)")
+    else:
+        waits = []
+        if left.waiting_retry:
+            waits.append(
+                f"{_users(left.waiting_retry)} waiting for a retry (next at "
+                f"{_clock(left.next_retry_at)}, last at {_clock(left.last_retry_at)}; "
+                "run again then)"
+            )
+        if left.pending:
+            cause = "the time limit was reached" if stopped == "deadline" else "not claimed"
+            waits.append(f"{_users(left.pending)} pending ({cause})")
+        if left.paused_pending:
+            waits.append(
+                f"{_users(left.paused_pending)} pending in paused events "
+                f"({', '.join(left.paused_events)})"
+            )
+        if left.running:
+            waits.append(f"{_users(left.running)} running in another worker")
+        lines.append("stopped: not drained: " + "; ".join(waits))
+    if left.dead:
+        events = ", ".join(f"{code} ({n})" for code, n in left.dead_by_event.items())
+        lines.append(
+            f"{_users(left.dead)} dead: {events}; `matchmaker status EVENT` shows why "
+            "(redrive them once the cause is fixed)"
+        )
+    return lines
+
+
+def _users(n: int) -> str:
+    return f"{n} user" if n == 1 else f"{n} users"
+
+
+def _clock(moment: datetime | None) -> str:
+    return moment.astimezone().isoformat(timespec="seconds") if moment else "-"
 
 
 def verify(conn: Conn, event: EventRecord, settings: Settings) -> VerifyReport:

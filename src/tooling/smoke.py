@@ -218,25 +218,28 @@ class _Smoke:
         self.say(f"matchmaking triggered: {queued} queued, matchmaker invoked: {invoked}")
 
     def wait_until_drained(self, deadline: float) -> bool:
-        """Polls the admin status until nothing of the event is pending or running."""
+        """Polls the admin status until nothing of the event is pending, running or
+        waiting for a retry."""
         last_line, last_shown = "", 0.0
         while True:
             _, body = self.api.call("GET", f"/admin/events/{self.code}/status", self.admin)
             status = _obj(body, "status")
-            by_priority = _obj(status.get("pending_by_priority"), "status pending_by_priority")
-            pending = sum(v for v in by_priority.values() if isinstance(v, int))
-            running = _field(status, "running", int, "status")
-            job = status.get("job_status")
+            queue = _obj(status.get("queue"), "status queue")
+            pending = _field(queue, "pending", int, "status queue")
+            running = _field(queue, "running", int, "status queue")
+            waiting = _field(queue, "waiting_retry", int, "status queue")
+            coverage = _obj(status.get("coverage"), "status coverage")
+            job = status.get("state")
             line = (
-                f"  {job}: pending {pending}, running {running}, done {status.get('done')}, "
-                f"with matches {status.get('attendees_with_matches')}/"
-                f"{status.get('attendees_active')}, dead {status.get('dead')}"
+                f"  {job}: pending {pending}, running {running}, waiting for a retry "
+                f"{waiting}, full lists {coverage.get('full_lists')}/"
+                f"{coverage.get('active')}, dead {queue.get('dead')}"
             )
             now = time.monotonic()
             if line != last_line or now - last_shown >= HEARTBEAT_S:
                 self.say(f"[{now - self.started:5.1f}s]{line}")
                 last_line, last_shown = line, now
-            if pending == 0 and running == 0:
+            if pending == 0 and running == 0 and waiting == 0:
                 return True
             if job == "paused":
                 self.report.problems.append(
@@ -246,7 +249,8 @@ class _Smoke:
                 return False
             if now + POLL_INTERVAL_S >= deadline:
                 self.report.problems.append(
-                    f"timed out: still {pending} pending and {running} running after "
+                    f"timed out: still {pending} pending, {running} running and {waiting} "
+                    f"waiting for a retry after "
                     f"{now - self.started:.0f}s"
                 )
                 return False

@@ -47,21 +47,29 @@ REQUEST_TIMEOUT_S = 30.0
 URL_LINE = re.compile(r"Matchmaker API on (http://127\.0\.0\.1:\d+) ")
 STATUS_KEYS = {
     "event",
-    "job_status",
-    "attendees_active",
-    "attendees_with_matches",
-    "pending_by_priority",
-    "running",
-    "done",
-    "failed",
-    "dead",
-    "oldest_pending_age_s",
+    "state",
+    "state_reason",
+    "queue",
+    "totals",
+    "coverage",
+    "exposure",
+    "embedder",
+    "dead_letter_queue",
     "throughput_per_min_5m",
     "throughput_per_min_60m",
     "last_run_at",
     "last_error",
     "last_error_at",
-    "dead_letter_queue_depth",
+}
+QUEUE_KEYS = {
+    "pending_by_priority",
+    "pending",
+    "running",
+    "waiting_retry",
+    "next_retry_at",
+    "last_retry_at",
+    "dead",
+    "oldest_pending_age_s",
 }
 EVENT_KEYS = {"code", "name", "settings", "attendees", "created"}
 SETTINGS_KEYS = {"k", "exclude_same_company", "weights", "embedder", "icebreakers"}
@@ -251,13 +259,15 @@ def call(
 
 
 def wait_drained(server: Server, code: str) -> dict[str, Any]:
-    """Polls the admin status until nothing of the event is pending or running."""
+    """Polls the admin status until nothing of the event is pending, running or waiting
+    for a retry."""
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     while True:
         reply = call(server, "GET", f"/admin/events/{code}/status", server.admin)
         assert reply.status == 200, reply.text
         status: dict[str, Any] = reply.body
-        if sum(status["pending_by_priority"].values()) == 0 and status["running"] == 0:
+        queue = status["queue"]
+        if queue["pending"] == queue["running"] == queue["waiting_retry"] == 0:
             return status
         assert time.monotonic() < deadline, f"{code} still busy: {status}"
         time.sleep(0.2)
@@ -317,7 +327,7 @@ def test_smoke_run_passes(server: Server) -> None:
     assert (report.users, report.matched) == (25, 25)
     assert report.dismissed_pairs, text
     assert report.elapsed_s < 45
-    assert "smoke: OK" in text and "done: pending 0, running 0" in text
+    assert "smoke: OK" in text and "idle: pending 0, running 0, waiting for a retry 0" in text
     # A second run reuses the event (200, not 201) with fresh attendee ids.
     out = io.StringIO()
     again = run_smoke(
@@ -518,21 +528,26 @@ def test_admin_routes(server: Server) -> None:
 
     status = wait_drained(server, code)
     assert set(status) == STATUS_KEYS
-    assert set(status["pending_by_priority"]) == {"0", "1", "2", "3"}
-    assert status["event"] == code and status["attendees_active"] == 6
-    assert status["attendees_with_matches"] == 6 and status["dead"] == 0
-    assert status["job_status"] == "done" and status["done"] >= 6
+    assert set(status["queue"]) == QUEUE_KEYS
+    assert set(status["queue"]["pending_by_priority"]) == {"0", "1", "2", "3"}
+    assert status["event"] == code and status["coverage"]["active"] == 6
+    coverage = status["coverage"]
+    assert coverage["without_list"] == coverage["missing_matches"] == 0
+    assert coverage["full_lists"] + coverage["short_lists_few_candidates"] == 6
+    assert status["queue"]["dead"] == 0
+    assert status["state"] == "idle" and status["totals"]["processed"] >= 6
+    assert status["dead_letter_queue"]["scope"] == "all events"
 
     assert call(server, "POST", f"/admin/events/{code}/pause", server.admin).status == 204
     paused = call(server, "GET", f"/admin/events/{code}/status", server.admin)
-    assert paused.body["job_status"] == "paused"
+    assert paused.body["state"] == "paused"
     refused = call(
         server, "POST", f"/events/{code}/matchmaking", server.service, {"useQueue": False}
     )
     assert refused.is_error(409, "conflict"), refused.text
     assert call(server, "POST", f"/admin/events/{code}/resume", server.admin).status == 204
     resumed = call(server, "GET", f"/admin/events/{code}/status", server.admin)
-    assert resumed.body["job_status"] in ("done", "running")
+    assert resumed.body["state"] in ("idle", "queued", "running")
 
     patched = call(server, "PATCH", f"/admin/events/{code}/settings", server.admin, {"k": 2})
     assert patched.status == 200, patched.text

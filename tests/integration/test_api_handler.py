@@ -662,26 +662,31 @@ def test_admin_status_figures_are_what_the_database_and_the_queue_say(api, conn,
             "SELECT * FROM matchmaking_jobs WHERE event_id = %s", (event.id,)
         ).fetchone()
     assert job is not None
+    queue, totals, coverage = status["queue"], status["totals"], status["coverage"]
     assert status["event"] == CODE
-    assert status["job_status"] == job["status"] == "running"
-    assert status["pending_by_priority"] == {str(p): pending.get(str(p), 0) for p in range(4)}
-    assert sum(status["pending_by_priority"].values()) == by_status["pending"] > 0
-    assert status["pending_by_priority"]["0"] > 0
-    assert status["running"] == by_status["running"] == 2
-    assert status["dead"] == by_status["dead"] == 1
-    assert status["done"] == job["processed_count"] == 12
-    assert status["failed"] == job["failed_count"] == 0
-    assert status["attendees_active"] == 11
-    assert status["attendees_with_matches"] == scalar(
+    assert status["state"] == "needs_attention"  # one dead user
+    assert job["status"] == "running"  # the stored column, which status no longer reads
+    assert queue["pending_by_priority"] == {str(p): pending.get(str(p), 0) for p in range(4)}
+    assert queue["pending"] == sum(queue["pending_by_priority"].values())
+    assert queue["pending"] == by_status["pending"] > 0
+    assert queue["pending_by_priority"]["0"] > 0
+    assert queue["running"] == by_status["running"] == 2
+    assert queue["waiting_retry"] == 0 and queue["next_retry_at"] is None
+    assert queue["dead"] == by_status["dead"] == 1
+    assert totals["processed"] == job["processed_count"] == 12
+    assert totals["failed"] == job["failed_count"] == 0
+    assert totals["batches"] == job["batches"] > 0
+    assert coverage["active"] == 11
+    assert coverage["active"] - coverage["without_list"] == scalar(
         conn,
         "SELECT count(DISTINCT m.profile_id) FROM user_matches m JOIN attendees a"
         " ON a.event_id = m.event_id AND a.profile_id = m.profile_id"
         " WHERE a.active AND m.event_id = %s",
         (event.id,),
     )
-    assert status["dead_letter_queue_depth"] == 3
-    assert status["oldest_pending_age_s"] is not None
-    assert status["oldest_pending_age_s"] >= 0
+    assert status["dead_letter_queue"] == {"scope": "all events", "depth": 3}
+    assert queue["oldest_pending_age_s"] is not None
+    assert queue["oldest_pending_age_s"] >= 0
     assert status["throughput_per_min_60m"] == pytest.approx(12 / 60)
     assert status["last_run_at"] is not None
     assert status["last_error"] is None
@@ -689,7 +694,7 @@ def test_admin_status_figures_are_what_the_database_and_the_queue_say(api, conn,
 
 def test_admin_status_without_a_readable_dead_letter_queue_still_answers(api, conn, monkeypatch):
     """Given DEAD_LETTER_QUEUE_URL naming a queue that does not exist, when
-    admin_status.json is sent, then 200 with dead_letter_queue_depth null."""
+    admin_status.json is sent, then 200 with the dead-letter queue's depth null."""
     seed(conn)
     set_env(
         monkeypatch,
@@ -699,14 +704,14 @@ def test_admin_status_without_a_readable_dead_letter_queue_still_answers(api, co
     reply = api(request("admin_status"))
 
     assert reply.status == 200
-    assert reply.json["dead_letter_queue_depth"] is None
+    assert reply.json["dead_letter_queue"] == {"scope": "all events", "depth": None}
 
 
 def test_pause_stops_the_worker_for_the_event_and_resume_restarts_it(api, conn, settings):
     """Given 6 queued attendees of techconf-2026 and 3 of another event, when
     admin_pause.json is sent, then 204, status says paused, a worker matches the other
     event but claims nothing of this one, and a new join keeps it paused; when
-    admin_resume.json is sent, then 204, status is running, the matchmaker is invoked
+    admin_resume.json is sent, then 204, status is queued, the matchmaker is invoked
     and a worker then matches everyone."""
     event = seed(conn, crowd=4)
     other = add_attendees(conn, "devsummit-2026", generate_profiles(3, seed=9, id_prefix="ds-"))
@@ -715,7 +720,7 @@ def test_pause_stops_the_worker_for_the_event_and_resume_restarts_it(api, conn, 
 
     assert paused.status == 204
     assert paused.text == ""
-    assert api(request("admin_status")).json["job_status"] == "paused"
+    assert api(request("admin_status")).json["state"] == "paused"
     report = drain(conn, settings)
     assert report.claimed == 3
     assert queue_rows(conn, other.id) == []
@@ -724,7 +729,7 @@ def test_pause_stops_the_worker_for_the_event_and_resume_restarts_it(api, conn, 
     newcomer = generate_profiles(1, seed=5, id_prefix="nc-")[0]
     body = newcomer.model_dump(exclude={"user_id"})
     assert api(request("put_attendee", user_id=newcomer.user_id, body=body)).status == 200
-    assert api(request("admin_status")).json["job_status"] == "paused"
+    assert api(request("admin_status")).json["state"] == "paused"
     assert drain(conn, settings).claimed == 0
     assert api.invocations == []
 
@@ -732,10 +737,10 @@ def test_pause_stops_the_worker_for_the_event_and_resume_restarts_it(api, conn, 
 
     assert resumed.status == 204
     assert resumed.text == ""
-    assert api(request("admin_status")).json["job_status"] == "running"
+    assert api(request("admin_status")).json["state"] == "queued"
     assert api.invocations == [Invocation(WORKER_FUNCTION, "Event", TRIGGER_PAYLOAD, 202)]
     assert drain(conn, settings).completed == 7
-    assert api(request("admin_status")).json["job_status"] == "done"
+    assert api(request("admin_status")).json["state"] == "idle"
     assert all(len(v) == 3 for v in lists_of(conn, event.id).values())
 
 
@@ -758,7 +763,7 @@ def test_dead_letters_list_the_dead_and_redrive_requeues_and_they_get_matched(ap
     assert dead[0]["attempts"] == settings.max_attempts
     assert f"provider rejected the profile of {GRACE}" in dead[0]["last_error"]
     assert dead[0]["dead_at"] is not None
-    assert api(request("admin_status")).json["dead"] == 1
+    assert api(request("admin_status")).json["queue"]["dead"] == 1
 
     redriven = api(request("admin_redrive"))
 
@@ -767,6 +772,7 @@ def test_dead_letters_list_the_dead_and_redrive_requeues_and_they_get_matched(ap
     assert api.invocations == [Invocation(WORKER_FUNCTION, "Event", TRIGGER_PAYLOAD, 202)]
     assert queue_of(conn) == [(GRACE, "pending", 2, "redrive")]
     assert api(request("admin_dead_letters")).json == []
+    assert api(request("admin_status")).json["queue"]["dead"] == 0
     drain(conn, settings)
     grace = api(request("get_matches", user_id=GRACE))
     assert len(grace.json["matches"]) == 3

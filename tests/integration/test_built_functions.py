@@ -478,8 +478,8 @@ def test_api_function_answers_the_committed_requests(run: Any, local_aws: LocalA
     assert body["put_attendee"] == {"event": CODE, "user_id": ADA, "status": "joined"}
     assert body["get_matches"]["matches"] == []
     # read through AWS_ENDPOINT_URL from the moto server
-    assert body["admin_status"]["dead_letter_queue_depth"] == 1
-    assert body["admin_status"]["attendees_active"] == 1
+    assert body["admin_status"]["dead_letter_queue"] == {"scope": "all events", "depth": 1}
+    assert body["admin_status"]["coverage"]["active"] == 1
     assert body["trigger_queue"]["mode"] == "queue"
 
 

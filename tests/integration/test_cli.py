@@ -76,7 +76,8 @@ def test_import_run_export_status_verify(db_url: str, tmp_path: Path) -> None:
     when `import`, `run --quiet`, `export`, `status`, `status --json` and `verify` run as
     separate processes,
     then every attendee gets k=3 well-formed matches (ranks 1..3, scores non-increasing,
-    never themselves), status reports 60 attendees and nothing pending, and verify says OK."""
+    never themselves), run says drained, status reports the event idle with 60 full lists
+    and nothing pending, and verify says OK."""
     user_ids = write_synthetic(tmp_path / "people.jsonl")
 
     imported = cli(db_url, "import", EVENT, "people.jsonl", "--name", "CLI Event", cwd=tmp_path)
@@ -88,6 +89,7 @@ def test_import_run_export_status_verify(db_url: str, tmp_path: Path) -> None:
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert f"processed {ATTENDEES} users" in ran.stdout
     assert "0 failed, 0 dead" in ran.stdout
+    assert "stopped: drained (nothing pending, running or waiting for a retry)" in ran.stdout
 
     exported = cli(db_url, "export", EVENT, cwd=tmp_path)
     assert exported.returncode == 0, exported.stderr
@@ -113,23 +115,28 @@ def test_import_run_export_status_verify(db_url: str, tmp_path: Path) -> None:
     status = cli(db_url, "status", EVENT, cwd=tmp_path)
     assert status.returncode == 0, status.stderr
     assert f"event {EVENT} (CLI Event): k=3, exclude_same_company=True" in status.stdout
-    assert f"attendees: {ATTENDEES} active ({ATTENDEES} with matches), 0 left" in status.stdout
-    assert "pending p3=0 p2=0 p1=0 p0=0, running 0, dead 0" in status.stdout
+    assert "  state: idle - nothing queued" in status.stdout
+    assert f"coverage: {ATTENDEES}/{ATTENDEES} active attendees with a full list" in status.stdout
+    assert (
+        "now: pending 0 (p3=0 p2=0 p1=0 p0=0), running 0, waiting for a retry 0, dead 0"
+        in status.stdout
+    )
 
     status_json = cli(db_url, "status", EVENT, "--json", cwd=tmp_path)
     assert status_json.returncode == 0, status_json.stderr
     figures = json.loads(status_json.stdout)
     assert figures["event"] == EVENT
-    assert figures["attendees"] == {
-        "active": ATTENDEES,
-        "left_event": 0,
-        "with_matches": ATTENDEES,
-    }
+    coverage = figures["coverage"]
+    assert (coverage["active"], coverage["full_lists"], coverage["without_list"]) == (
+        ATTENDEES,
+        ATTENDEES,
+        0,
+    )
     queue = figures["queue"]
-    assert [queue[f"pending_p{p}"] for p in range(4)] == [0, 0, 0, 0]
-    assert (queue["running"], queue["dead"], figures["dead_rows"]) == (0, 0, [])
-    assert figures["job"]["status"] == "done"
-    assert figures["job"]["processed_count"] == ATTENDEES
+    assert queue["pending_by_priority"] == {"0": 0, "1": 0, "2": 0, "3": 0}
+    assert (queue["running"], queue["waiting_retry"], queue["dead"]) == (0, 0, 0)
+    assert figures["state"] == "idle"
+    assert figures["totals"]["processed"] == ATTENDEES
 
     verified = cli(db_url, "verify", EVENT, cwd=tmp_path)
     assert verified.returncode == 0, verified.stdout
@@ -294,7 +301,8 @@ def test_demo_matches_and_verifies_a_synthetic_event(db_url: str, tmp_path: Path
     assert "verify: OK - 150 lists equal the brute-force top-k" in result.stdout
     assert len(re.findall(r"^  #1 demo-\d{6} score ", result.stdout, re.MULTILINE)) == 3
     status = json.loads(cli(db_url, "status", "demo-test", "--json", cwd=tmp_path).stdout)
-    assert status["attendees"]["with_matches"] == 150
+    assert status["coverage"]["active"] == 150
+    assert status["coverage"]["without_list"] == status["coverage"]["missing_matches"] == 0
 
 
 def test_bench_writes_verified_figures(db_url: str, tmp_path: Path) -> None:

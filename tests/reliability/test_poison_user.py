@@ -130,11 +130,14 @@ def test_a_poison_user_goes_dead_alone_and_everyone_else_is_matched_exactly(
 
     # Admin status, the dead-letters route and the SQS dead-letter queue show it.
     status = stack.admin("admin_status", CODE)
-    assert status["dead"] == 1
-    assert status["dead_letter_queue_depth"] == 1
-    assert sum(status["pending_by_priority"].values()) == status["running"] == 0
-    assert status["attendees_active"] == USERS
-    assert status["attendees_with_matches"] == USERS - 1
+    queue, coverage = status["queue"], status["coverage"]
+    assert queue["dead"] == 1
+    assert status["state"] == "needs_attention"
+    assert status["dead_letter_queue"] == {"scope": "all events", "depth": 1}
+    assert sum(queue["pending_by_priority"].values()) == queue["running"] == 0
+    assert queue["waiting_retry"] == 0
+    assert coverage["active"] == USERS
+    assert coverage["active"] - coverage["without_list"] == USERS - 1
     assert "rejected the request" in status["last_error"]
     [listed] = stack.admin("admin_dead_letters", CODE)
     assert (listed["user_id"], listed["attempts"]) == (POISON, MAX_ATTEMPTS)

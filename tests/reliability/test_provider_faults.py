@@ -211,11 +211,12 @@ def test_an_outage_sends_its_users_to_the_dead_letter_queue_and_a_redrive_recove
 
     # Admin status and the dead-letter queue show every dead user, once.
     status = stack.admin("admin_status", CODE)
-    assert status["dead"] == DURING
-    assert status["dead_letter_queue_depth"] == DURING
-    assert sum(status["pending_by_priority"].values()) == 0
-    assert status["attendees_active"] == BEFORE + DURING
-    assert status["attendees_with_matches"] == BEFORE
+    queue, coverage = status["queue"], status["coverage"]
+    assert queue["dead"] == DURING
+    assert status["dead_letter_queue"] == {"scope": "all events", "depth": DURING}
+    assert sum(queue["pending_by_priority"].values()) == queue["waiting_retry"] == 0
+    assert coverage["active"] == BEFORE + DURING
+    assert coverage["active"] - coverage["without_list"] == BEFORE
     assert "embeddings API unavailable" in status["last_error"]
     listed = stack.admin("admin_dead_letters", CODE)
     assert sorted(d["user_id"] for d in listed) == sorted(late)
@@ -265,8 +266,9 @@ def test_an_outage_sends_its_users_to_the_dead_letter_queue_and_a_redrive_recove
     assert report.checked == BEFORE + DURING
     assert all(len(m) == event.settings.k for m in lists_of(conn, event.id).values())
     status = stack.admin("admin_status", CODE)
-    assert (status["dead"], status["dead_letter_queue_depth"]) == (0, 0)
-    assert status["attendees_with_matches"] == BEFORE + DURING
+    assert (status["queue"]["dead"], status["dead_letter_queue"]["depth"]) == (0, 0)
+    assert status["coverage"]["full_lists"] == BEFORE + DURING
+    assert status["state"] == "idle"
     print(
         f"\n[provider faults] {len(outage_requests)} requests during the outage "
         f"(1 timeout + {len(failing)} 500/429/drop/503) for {DURING} users x {MAX_ATTEMPTS} "

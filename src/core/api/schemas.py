@@ -109,23 +109,100 @@ class EnqueueOut(BaseModel):
     matched: int | None = None
 
 
+JobState = Literal["idle", "queued", "running", "paused", "needs_attention"]
+
+
+class QueueNowOut(BaseModel):
+    """The event's queue as it is now (not lifetime figures)."""
+
+    pending_by_priority: dict[str, int] = Field(
+        description="users waiting for their first attempt, by priority '0'-'3' (3 first)"
+    )
+    pending: int = Field(description="sum of pending_by_priority")
+    running: int = Field(description="users a worker has claimed and is matching (live lease)")
+    waiting_retry: int = Field(
+        description="users whose attempt failed or whose worker vanished (lease ran out), "
+        "waiting for a retry"
+    )
+    next_retry_at: datetime | None = Field(description="earliest retry of a waiting user")
+    last_retry_at: datetime | None = Field(description="latest retry of a waiting user")
+    dead: int = Field(description="this event's users dead now (attempts used up)")
+    oldest_pending_age_s: float | None = Field(
+        description="age of the oldest pending or waiting row, seconds"
+    )
+
+
+class TotalsOut(BaseModel):
+    """Lifetime totals of the event's matching (they only grow)."""
+
+    processed: int = Field(description="attempts that completed (a user may count many times)")
+    failed: int = Field(description="attempts that failed")
+    died: int = Field(description="times a user went dead")
+    batches: int
+    lists_written: int
+
+
+class CoverageOut(BaseModel):
+    """How many active attendees have the list they can have."""
+
+    k: int
+    active: int = Field(description="active attendees")
+    full_lists: int = Field(description="active attendees with k matches")
+    short_lists_few_candidates: int = Field(
+        description="fewer than k matches because fewer than k others may be matched with "
+        "them (small event, same company, dismissals)"
+    )
+    missing_matches: int = Field(
+        description="fewer matches than their candidates allow (not matched yet or stale)"
+    )
+    without_list: int = Field(description="active attendees with no match at all")
+    full_ratio: float | None = Field(description="full_lists / active; null without attendees")
+
+
+class ExposureOut(BaseModel):
+    """How evenly attendees appear on each other's lists."""
+
+    max_appearances: int = Field(description="lists the most-listed attendee is on")
+    mean_appearances: float | None
+    gini: float | None = Field(
+        description="Gini coefficient of appearances over active attendees: 0 everyone "
+        "equally listed, towards 1 a few on every list; null when nobody is listed"
+    )
+
+
+class EmbedderOut(BaseModel):
+    configured: Literal["local", "openai"] = Field(description="what the event asks for")
+    effective: Literal["local", "openai"] | None = Field(
+        description="what serves it now; null when the OpenAI secret cannot be read"
+    )
+    reason: str
+    vectors_from: str | None = Field(
+        description="embedder key of the event's stored vectors (null before any)"
+    )
+
+
+class DeadLetterQueueOut(BaseModel):
+    """The dead-letter queue is shared: its depth counts every event's dead letters."""
+
+    scope: Literal["all events"] = "all events"
+    depth: int | None = Field(description="messages on the queue; null when not readable")
+
+
 class StatusOut(BaseModel):
     event: str
-    job_status: str
-    attendees_active: int
-    attendees_with_matches: int
-    pending_by_priority: dict[str, int]
-    running: int
-    done: int
-    failed: int
-    dead: int
-    oldest_pending_age_s: float | None
-    throughput_per_min_5m: float
-    throughput_per_min_60m: float
-    last_run_at: datetime | None
+    state: JobState = Field(description="derived from the counts now, see docs/api.md")
+    state_reason: str = Field(description="why the event is in this state, in words")
+    queue: QueueNowOut
+    totals: TotalsOut
+    coverage: CoverageOut
+    exposure: ExposureOut
+    embedder: EmbedderOut
+    dead_letter_queue: DeadLetterQueueOut
+    throughput_per_min_5m: float = Field(description="users completed per minute, last 5 min")
+    throughput_per_min_60m: float = Field(description="users completed per minute, last hour")
+    last_run_at: datetime | None = Field(description="when the last batch finished")
     last_error: str | None
     last_error_at: datetime | None
-    dead_letter_queue_depth: int | None
 
 
 class StartOut(EnqueueOut):

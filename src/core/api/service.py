@@ -35,6 +35,7 @@ from core.api.schemas import (
     StatusOut,
     TriggerIn,
 )
+from core.api.status import event_status
 from core.data import repository as repo
 from core.data.conflicts import retry_conflicts
 from core.data.repository import Conn
@@ -220,13 +221,14 @@ def start_matching(
     body: StartIn,
     invoke: Invoker,
     *,
+    settings: Settings,
     dead_letter_depth: Callable[[], int | None],
 ) -> StartOut:
     """Queue the event's unmatched attendees (or everyone) at the given priority, start
     the matchmaker, and answer with the queue status as it is after the enqueue."""
     queued = _enqueue_start(conn, principal, code, body, invoke)
     # Read after the enqueue committed (and outside its retries: reading never conflicts).
-    figures = status(conn, principal, code, dead_letter_depth)
+    figures = status(conn, principal, code, settings, dead_letter_depth)
     return StartOut(**queued.model_dump(), status=figures)
 
 
@@ -248,31 +250,15 @@ def _enqueue_start(
 
 
 def status(
-    conn: Conn, principal: Principal, code: str, dead_letter_depth: Callable[[], int | None]
+    conn: Conn,
+    principal: Principal,
+    code: str,
+    settings: Settings,
+    dead_letter_depth: Callable[[], int | None],
 ) -> StatusOut:
+    """The event's status (core.api.status): what `matchmaker status` shows too."""
     principal.require_admin()
-    event = _event(conn, code)
-    figures = repo.job_status(conn, event.id)
-    job, queue, people = figures["job"], figures["queue"], figures["attendees"]
-    per_minute = repo.throughput(conn, event.id)
-    return StatusOut(
-        event=code,
-        job_status=job.get("status", "idle"),
-        attendees_active=int(people.get("active") or 0),
-        attendees_with_matches=int(people.get("with_matches") or 0),
-        pending_by_priority={str(p): int(queue.get(f"pending_p{p}") or 0) for p in range(4)},
-        running=int(queue.get("running") or 0),
-        done=int(job.get("processed_count") or 0),
-        failed=int(job.get("failed_count") or 0),
-        dead=int(queue.get("dead") or 0),
-        oldest_pending_age_s=queue.get("oldest_pending_age_s"),
-        throughput_per_min_5m=per_minute["5m"],
-        throughput_per_min_60m=per_minute["60m"],
-        last_run_at=job.get("last_batch_at"),
-        last_error=job.get("last_error"),
-        last_error_at=job.get("last_error_at"),
-        dead_letter_queue_depth=dead_letter_depth(),
-    )
+    return event_status(conn, _event(conn, code), settings, dead_letter_depth)
 
 
 @retried

@@ -553,3 +553,39 @@ def job_status(conn: Conn, event_id: int) -> dict[str, Any]:
 def dead_rows(conn: Conn, event_id: int) -> list[dict[str, Any]]:
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(query("dead_rows"), {"event_id": event_id}).fetchall()
+
+
+# --- status ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StatusFigures:
+    """The rows behind an event's status: its queue now, its job row (None before any
+    work), coverage and exposure of its lists."""
+
+    queue: dict[str, Any]
+    job: dict[str, Any] | None
+    coverage: dict[str, Any]
+    exposure: dict[str, Any]
+
+
+def status_figures(conn: Conn, event_id: int) -> StatusFigures:
+    """Read in one snapshot (repeatable read, unless the caller's transaction is already
+    under way), so that the figures agree with each other."""
+    params = {"event_id": event_id}
+    outermost = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        if outermost:
+            cur.execute(query("repeatable_read"))
+        queue = cur.execute(query("status_queue_now"), params).fetchone() or {}
+        job = cur.execute(query("status_job"), params).fetchone()
+        coverage = cur.execute(query("status_coverage"), params).fetchone() or {}
+        exposure = cur.execute(query("status_exposure"), params).fetchone() or {}
+    return StatusFigures(queue, job, coverage, exposure)
+
+
+def queue_overview(conn: Conn) -> list[dict[str, Any]]:
+    """Per event with queue rows: pending, running, waiting for a retry (and until when)
+    and dead users, and whether the event is paused."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(query("status_queue_overview")).fetchall()

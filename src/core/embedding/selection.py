@@ -4,12 +4,17 @@ configured, the local embedder otherwise. All vectors of an event come from one 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
 from aws_lambda_powertools.utilities import parameters
+from aws_lambda_powertools.utilities.parameters.exceptions import (
+    GetParameterError,
+    TransformParameterError,
+)
 
 from core.embedding.local import LocalEmbedder
 from core.models import EventRecord, Profile
@@ -75,3 +80,50 @@ def embedder_for_event(event: EventRecord, settings: Settings) -> Embedder:
             extra={"event": event.code},
         )
     return LocalEmbedder()
+
+
+@dataclass(frozen=True)
+class EmbedderChoice:
+    """What embedder_for_event decides for an event, told without building the embedder."""
+
+    configured: Literal["local", "openai"]
+    effective: Literal["local", "openai"] | None  # None: the OpenAI secret cannot be read
+    reason: str
+
+
+def effective_embedder(event: EventRecord, settings: Settings) -> EmbedderChoice:
+    """Report (read-only) which embedder serves the event and why, by the same rule as
+    embedder_for_event: OpenAI when the event asks for it and a key is configured."""
+    configured = event.settings.embedder
+    if configured != "openai":
+        return EmbedderChoice(configured, "local", "the event asks for the local embedder")
+    source = (
+        "OPENAI_API_KEY"
+        if settings.openai_api_key is not None
+        else "the secret OPENAI_SECRET_ARN"
+        if settings.openai_secret_arn
+        else None
+    )
+    try:
+        key = openai_api_key(settings)
+    except (GetParameterError, TransformParameterError) as exc:
+        return EmbedderChoice(
+            configured,
+            None,
+            f"the event asks for OpenAI but {source} cannot be read "
+            f"({type(exc).__name__}): its batches fail until it can",
+        )
+    if key:
+        return EmbedderChoice(
+            configured,
+            "openai",
+            f"the event asks for OpenAI ({settings.openai_embedding_model}, "
+            f"{settings.openai_embedding_dimensions} dimensions) and {source} holds a key",
+        )
+    missing = (
+        f"{source} holds no key"
+        if source
+        else "no OpenAI key is configured (OPENAI_API_KEY or OPENAI_SECRET_ARN)"
+    )
+    reason = f"the event asks for OpenAI but {missing}: the local embedder serves it"
+    return EmbedderChoice(configured, "local", reason)

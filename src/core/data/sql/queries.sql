@@ -390,3 +390,146 @@ INSERT INTO icebreakers AS i (event_id, profile_id, matched_profile_id, pair_has
 VALUES (%(event_id)s, %(profile_id)s, %(matched_profile_id)s, %(pair_hash)s, %(text)s)
 ON CONFLICT (event_id, profile_id, matched_profile_id) DO UPDATE
    SET pair_hash = EXCLUDED.pair_hash, text = EXCLUDED.text, created_at = now()
+
+-- name: repeatable_read
+-- First statement of a read that must see one snapshot throughout (status).
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY
+
+-- name: status_queue_now
+-- The event's queue as it is now (admin status, CLI status). Waiting for a retry: a
+-- pending row that has failed before (attempts > 0), whether or not its backoff is over,
+-- and a running row whose lease ran out (its worker vanished; the next run recovers it).
+-- A dead row counts only while the user has no live row (an edit or redrive re-queued them).
+SELECT count(*) FILTER (WHERE q.status = 'pending' AND q.attempts = 0 AND q.priority = 0)
+           AS pending_p0,
+       count(*) FILTER (WHERE q.status = 'pending' AND q.attempts = 0 AND q.priority = 1)
+           AS pending_p1,
+       count(*) FILTER (WHERE q.status = 'pending' AND q.attempts = 0 AND q.priority = 2)
+           AS pending_p2,
+       count(*) FILTER (WHERE q.status = 'pending' AND q.attempts = 0 AND q.priority = 3)
+           AS pending_p3,
+       count(*) FILTER (WHERE q.status = 'running' AND q.lease_expires_at >= now()) AS running,
+       count(*) FILTER (WHERE r.retry_at IS NOT NULL) AS waiting_retry,
+       min(r.retry_at) AS next_retry_at,
+       max(r.retry_at) AS last_retry_at,
+       count(DISTINCT q.profile_id) FILTER (
+           WHERE q.status = 'dead' AND NOT EXISTS (
+               SELECT 1 FROM matchmaking_queue l
+                WHERE l.event_id = q.event_id AND l.profile_id = q.profile_id
+                  AND l.status IN ('pending', 'running'))) AS dead,
+       extract(epoch FROM now() - min(q.enqueued_at) FILTER (WHERE q.status = 'pending'))::float8
+           AS oldest_pending_age_s
+  FROM matchmaking_queue q
+  CROSS JOIN LATERAL (
+      SELECT CASE WHEN q.status = 'pending' AND q.attempts > 0 THEN q.run_after
+                  WHEN q.status = 'running' AND q.lease_expires_at < now()
+                  THEN q.lease_expires_at END AS retry_at
+  ) r
+ WHERE q.event_id = %(event_id)s
+
+-- name: status_job
+-- Lifetime totals and the pause flag of the event's job row (absent before any work).
+SELECT status = 'paused' AS paused, processed_count, failed_count, dead_count, batches,
+       lists_written, embedder_key, last_batch_at, last_error, last_error_at
+  FROM matchmaking_jobs WHERE event_id = %(event_id)s
+
+-- name: status_coverage
+-- Per active attendee: list entries stored, and how many they could have, min(k, others
+-- allowed): active others minus colleagues (same company, case-insensitive, when the
+-- event excludes them) minus the active others a dismissal separates them from.
+WITH s AS (
+    SELECT k, exclude_same_company FROM events WHERE id = %(event_id)s
+),
+active AS (
+    SELECT a.profile_id, nullif(lower(btrim(p.company)), '') AS company
+      FROM attendees a JOIN profiles p ON p.id = a.profile_id
+     WHERE a.event_id = %(event_id)s AND a.active
+),
+colleagues AS (
+    SELECT company, count(*) - 1 AS others FROM active
+     WHERE company IS NOT NULL GROUP BY company
+),
+dismissed AS (
+    SELECT pair.me, count(DISTINCT pair.other) AS others
+      FROM (SELECT d.profile_id AS me, d.dismissed_profile_id AS other
+              FROM dismissals d WHERE d.event_id = %(event_id)s
+            UNION ALL
+            SELECT d.dismissed_profile_id, d.profile_id
+              FROM dismissals d WHERE d.event_id = %(event_id)s) pair
+      JOIN active m ON m.profile_id = pair.me
+      JOIN active o ON o.profile_id = pair.other
+      CROSS JOIN s
+     WHERE NOT (s.exclude_same_company AND m.company IS NOT NULL
+                AND m.company = o.company)  -- already excluded as a colleague
+     GROUP BY pair.me
+),
+listed AS (
+    SELECT m.profile_id, count(*) AS entries FROM user_matches m
+     WHERE m.event_id = %(event_id)s GROUP BY m.profile_id
+),
+per_attendee AS (
+    SELECT coalesce(l.entries, 0) AS entries,
+           least(s.k, (SELECT count(*) FROM active) - 1
+                      - CASE WHEN s.exclude_same_company THEN coalesce(c.others, 0) ELSE 0 END
+                      - coalesce(d.others, 0)) AS possible
+      FROM active a CROSS JOIN s
+      LEFT JOIN colleagues c ON c.company = a.company
+      LEFT JOIN dismissed d ON d.me = a.profile_id
+      LEFT JOIN listed l ON l.profile_id = a.profile_id
+)
+SELECT (SELECT k FROM s) AS k,
+       count(*) AS active,
+       count(*) FILTER (WHERE p.entries >= (SELECT k FROM s)) AS full_lists,
+       count(*) FILTER (WHERE p.entries < (SELECT k FROM s) AND p.entries >= p.possible)
+           AS short_lists_few_candidates,
+       count(*) FILTER (WHERE p.entries < p.possible) AS missing_matches,
+       count(*) FILTER (WHERE p.entries = 0) AS without_list
+  FROM per_attendee p
+
+-- name: status_exposure
+-- How often each active attendee appears on others' lists: the most, the mean and the
+-- Gini coefficient over all active attendees (0 = everyone equally listed; NULL when
+-- nobody is listed). Gini from the ascending order: 2*sum(i*x_i)/(n*sum x) - (n+1)/n.
+WITH appearances AS (
+    SELECT a.profile_id, coalesce(m.times, 0) AS times
+      FROM attendees a
+      LEFT JOIN (SELECT matched_profile_id, count(*) AS times FROM user_matches
+                  WHERE event_id = %(event_id)s GROUP BY matched_profile_id) m
+        ON m.matched_profile_id = a.profile_id
+     WHERE a.event_id = %(event_id)s AND a.active
+),
+ranked AS (
+    SELECT times, row_number() OVER (ORDER BY times) AS i FROM appearances
+)
+SELECT coalesce(max(times), 0) AS max_appearances,
+       avg(times)::float8 AS mean_appearances,
+       CASE WHEN sum(times) > 0
+            THEN (2.0 * sum(i * times) / (count(*) * sum(times))
+                  - (count(*) + 1.0) / count(*))::float8 END AS gini
+  FROM ranked
+
+-- name: status_queue_overview
+-- Every event's queue after a local run (matchmaker run): what is still pending and
+-- where, who waits for a retry (as in status_queue_now) and until when, who is dead.
+SELECT e.code AS event,
+       coalesce(j.status = 'paused', false) AS paused,
+       count(*) FILTER (WHERE q.status = 'pending' AND q.attempts = 0) AS pending,
+       count(*) FILTER (WHERE q.status = 'running' AND q.lease_expires_at >= now()) AS running,
+       count(*) FILTER (WHERE r.retry_at IS NOT NULL) AS waiting_retry,
+       min(r.retry_at) AS next_retry_at,
+       max(r.retry_at) AS last_retry_at,
+       count(DISTINCT q.profile_id) FILTER (
+           WHERE q.status = 'dead' AND NOT EXISTS (
+               SELECT 1 FROM matchmaking_queue l
+                WHERE l.event_id = q.event_id AND l.profile_id = q.profile_id
+                  AND l.status IN ('pending', 'running'))) AS dead
+  FROM matchmaking_queue q
+  CROSS JOIN LATERAL (
+      SELECT CASE WHEN q.status = 'pending' AND q.attempts > 0 THEN q.run_after
+                  WHEN q.status = 'running' AND q.lease_expires_at < now()
+                  THEN q.lease_expires_at END AS retry_at
+  ) r
+  JOIN events e ON e.id = q.event_id
+  LEFT JOIN matchmaking_jobs j ON j.event_id = q.event_id
+ GROUP BY e.code, j.status
+ ORDER BY e.code
