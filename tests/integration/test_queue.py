@@ -592,7 +592,7 @@ def test_two_workers_claiming_at_once_get_disjoint_batches(conn, db_url, setting
     for t in threads:
         t.join(timeout=30)
 
-    assert errors == []
+    assert errors == [], [repr(e) for e in errors]
     first, second = ({r.queue_id for r in batch} for batch in results)
     assert len(first) == 20
     assert len(second) == 20
@@ -654,7 +654,7 @@ def test_an_edit_while_a_worker_commits_its_batch_neither_deadlocks_nor_is_lost(
         finally:
             editor.join(timeout=30)
 
-    assert errors == []
+    assert errors == [], [repr(e) for e in errors]
     rows = queue_rows(conn, event.id)
     assert [(r["user_id"], r["status"]) for r in rows] == [("u", "pending")]
 
@@ -705,7 +705,7 @@ def test_concurrent_enqueues_and_completions_never_deadlock(conn, db_url, settin
     stop.set()
     for t in threads:
         t.join(timeout=30)
-    assert errors == []
+    assert errors == [], [repr(e) for e in errors]
     live = conn.execute(
         "SELECT profile_id, count(*) FROM matchmaking_queue WHERE event_id = %s"
         " AND status IN ('pending', 'running') GROUP BY profile_id HAVING count(*) > 1",

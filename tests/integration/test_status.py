@@ -236,11 +236,6 @@ def test_an_attendee_without_the_list_they_could_have_and_nothing_queued_needs_a
     assert "nothing queued" in lost.state_reason
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a dead queue row outlives a later successful attempt of the same user: "
-    "mm_complete (or mm_enqueue when it re-queues the user) should delete it",
-)
 def test_a_dead_user_matched_after_a_profile_edit_is_no_longer_dead(conn, settings):
     """Given a user dead after max attempts, a profile edit re-queues them (status: not
     dead, pending) and a healthy worker matches them; then they are not dead."""
