@@ -132,7 +132,9 @@ def _problem(err: Any) -> dict[str, str]:
     if err.get("type") == "json_invalid":
         return {"field": "body", "message": "malformed JSON"}
     field = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-    return {"field": field, "message": str(err.get("msg", "invalid"))}
+    if not field and err.get("type") == "missing":
+        return {"field": "body", "message": "this route needs a JSON object as its body"}
+    return {"field": field or "body", "message": str(err.get("msg", "invalid"))}
 
 
 @app.exception_handler(list(CONFLICT_ERRORS))  # what service.retried still got after retries
@@ -184,13 +186,15 @@ def admitted(event: dict[str, Any]) -> dict[str, Any]:
     """The request as the resolver may see it, or the DomainError that answers it first.
 
     Fail closed before anything else looks at the request: no verified claims, no access
-    (401 even when the input or the route is also invalid). Then the body, on every route
-    alike: the bytes (413 over the limit, 400 not UTF-8 or bad base64), the media type
-    (415), and one JSON object within the limits (422; see core.api.request_body). The
-    resolver gets that object re-serialised, so its own json.loads cannot choke, and never
-    an array's first element. Routes without a body ignore a body that passes these checks.
+    (401 even when the input or the route is also invalid). Then the path (422 unless
+    printable ASCII) and the body, on every route alike: the bytes (413 over the limit,
+    400 not UTF-8 or bad base64), the media type (415), and one JSON object within the
+    limits (422; see core.api.request_body). The resolver gets that object re-serialised,
+    so its own json.loads cannot choke, and never an array's first element. Routes
+    without a body ignore a body that passes these checks.
     """
     principal_of(APIGatewayProxyEventV2(event))
+    _check_path(event.get("rawPath") or "")
     data = body_bytes(event.get("body"), bool(event.get("isBase64Encoded")))
     if data and not _is_json(event.get("headers") or {}):
         raise UnsupportedMediaTypeError("send the body as application/json (UTF-8)")
@@ -201,6 +205,18 @@ def admitted(event: dict[str, Any]) -> dict[str, Any]:
     else:
         clean["body"] = json.dumps(parsed)
     return clean
+
+
+def _check_path(path: str) -> None:
+    """Paths are printable ASCII (codes and user ids are): anything else is 422, a control
+    character above all (the router drops a trailing newline: event x for "x<LF>")."""
+    odd = next((i for i, c in enumerate(path) if not "!" <= c <= "~"), None)
+    if odd is not None:
+        raise InvalidInputError(
+            f"the path may only hold printable ASCII; U+{ord(path[odd]):04X} at character"
+            f" {odd + 1}",
+            field="path",
+        )
 
 
 def _is_json(headers: dict[str, str]) -> bool:
