@@ -117,7 +117,7 @@ def _error(status: int, code: str, message: str, details: Any = None) -> Respons
 def _domain_error(exc: DomainError) -> Response[str]:
     status = next(STATUS_OF_ERROR[c] for c in type(exc).__mro__ if c in STATUS_OF_ERROR)
     if isinstance(exc, InvalidInputError):  # the same shape as the models' validation errors
-        return _error(status, exc.code, exc.message, [{"field": exc.field, "message": exc.message}])
+        return _error(status, exc.code, exc.message, [{"field": exc.field, "message": exc.problem}])
     return _error(status, exc.code, exc.message)
 
 

@@ -54,13 +54,15 @@ class MatchingTimeoutError(DomainError):
 class InvalidInputError(DomainError):
     """Input the models could not be asked about, or that only the operation can judge: a
     body that is not a JSON object within the limits, settings invalid once merged with
-    the current ones. `field` says where (a dotted path; "body" for the whole body)."""
+    the current ones. `field` says where (a dotted path; "body" for the whole body);
+    `problem` is the stable short form for the details, when the message adds specifics."""
 
     code = "validation_error"
 
-    def __init__(self, message: str, field: str = "body") -> None:
+    def __init__(self, message: str, field: str = "body", problem: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+        self.problem = problem or message
 
 
 class InvalidEncodingError(DomainError):

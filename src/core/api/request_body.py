@@ -36,11 +36,13 @@ _BRACKET = re.compile(r"[\[\]{}]")
 _STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
-def body_bytes(body: str | None, base64_encoded: bool) -> bytes:
+def body_bytes(body: object, base64_encoded: bool) -> bytes:
     """The bytes the client sent: base64-decoded strictly when API Gateway marked the body
     so; TooLargeError above MAX_BODY_BYTES, InvalidEncodingError for bad base64."""
     if not body:
         return b""
+    if not isinstance(body, str):  # a hand-made event (sam local invoke) with a JSON body
+        raise InvalidEncodingError("the body must arrive as a string, not parsed JSON")
     if base64_encoded:
         if len(body) > 4 * (MAX_BODY_BYTES // 3 + 1):
             raise _too_large()
@@ -82,9 +84,7 @@ def parse_object(data: bytes) -> dict[str, Any] | None:
             object_pairs_hook=_object_without_duplicates,
         )
     except json.JSONDecodeError as exc:
-        raise InvalidInputError(
-            f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from exc
+        raise InvalidInputError(f"malformed JSON: {exc}", problem="malformed JSON") from exc
     if not isinstance(value, dict):
         raise InvalidInputError(f"the body must be a JSON object, not {_json_type(value)}")
     _check_text(value)
