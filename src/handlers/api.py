@@ -99,7 +99,7 @@ ERROR_MEANING = {
     415: "the body is not application/json in UTF-8",
     422: "invalid input: malformed JSON, a body that is not one JSON object within the limits"
     " (nesting, integer digits, no NaN/Infinity, no duplicate keys), wrong types, unknown"
-    " fields, out-of-range values, bad path parameters",
+    " fields, out-of-range values, a path that is not printable ASCII or bad path parameters",
     503: "the database is unavailable, a concurrent change kept conflicting, or synchronous"
     " matching ran out of time",
 }
