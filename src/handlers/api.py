@@ -189,8 +189,9 @@ def admitted(event: dict[str, Any]) -> dict[str, Any]:
     (401 even when the input or the route is also invalid). Then the path (422 unless
     printable ASCII) and the body, on every route alike: the bytes (413 over the limit,
     400 not UTF-8 or bad base64), the media type (415), and one JSON object within the
-    limits (422; see core.api.request_body). The resolver gets that object re-serialised,
-    so its own json.loads cannot choke, and never an array's first element. Routes
+    limits (422; see core.api.request_body). The resolver gets that object re-serialised
+    as application/json, so its own json.loads cannot choke, and never an array's first
+    element (nor a form's empty fields). Routes
     without a body ignore a body that passes these checks.
     """
     principal_of(APIGatewayProxyEventV2(event))
@@ -199,7 +200,11 @@ def admitted(event: dict[str, Any]) -> dict[str, Any]:
     if data and not _is_json(event.get("headers") or {}):
         raise UnsupportedMediaTypeError("send the body as application/json (UTF-8)")
     parsed = parse_object(data)
-    clean = {**event, "isBase64Encoded": False}
+    # The resolver parses by content type: with no body, a form or multipart type would
+    # make it read "no fields" as a valid body of defaults (a wiped profile).
+    headers = {k: v for k, v in (event.get("headers") or {}).items() if k.lower() != "content-type"}
+    clean = {**event, "headers": {**headers, "content-type": "application/json"}}
+    clean["isBase64Encoded"] = False
     if parsed is None:
         clean.pop("body", None)
     else:

@@ -124,6 +124,13 @@ def smuggled(name: str, body: str) -> dict[str, Any]:
     return event
 
 
+def as_type(name: str, content_type: str) -> dict[str, Any]:
+    """The route's request without a body, declaring `content_type`."""
+    event = raw(name, None)
+    event["headers"]["content-type"] = content_type
+    return event
+
+
 def base64_body(name: str, data: bytes) -> dict[str, Any]:
     """The route's request with `data` as API Gateway passes a binary body: base64."""
     event = request(name, body="")
@@ -213,6 +220,21 @@ HOSTILE = [
     case("no-body", 422, "body", lambda n: raw(n, None)),
     case("empty-body", 422, "body", lambda n: raw(n, "")),
     case("blank-body", 422, "body", lambda n: raw(n, " \r\n\t ")),
+    # No body under another media type: never parsed as a form of defaults (or a 415 in
+    # the resolver's own shape).
+    case(
+        "no-body-as-multipart",
+        422,
+        "needs a JSON object",
+        lambda n: as_type(n, "multipart/form-data; boundary=x"),
+    ),
+    case(
+        "no-body-as-form",
+        422,
+        "needs a JSON object",
+        lambda n: as_type(n, "application/x-www-form-urlencoded"),
+    ),
+    case("no-body-as-text", 422, "needs a JSON object", lambda n: as_type(n, "text/plain")),
     case("duplicate-keys", 422, "twice", lambda n: raw(n, valid(n)[:-1] + ", " + valid(n)[1:])),
     case("malformed-json", 422, "malformed JSON", lambda n: raw(n, valid(n)[:-1])),
     case("trailing-garbage", 422, "malformed JSON", lambda n: raw(n, valid(n) + " x")),
