@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from core.api.request_body import MAX_BODY_BYTES, MAX_DEPTH, MAX_INTEGER_DIGITS
 from core.data.repository import Conn
@@ -456,3 +458,54 @@ def test_hostile_query_strings_are_ignored(api, conn, seeded, query):
     event["queryStringParameters"] = {"x": query, query[:50]: "1"}
     reply = api(event)
     assert (reply.status, reply.json) == (plain.status, plain.json) == (200, plain.json)
+
+
+ALL_ROUTES = BODY_ROUTES + sorted(BODYLESS_SUCCESS)
+CONTENT_TYPES = [
+    None,
+    "application/json",
+    "application/json; charset=utf-8",
+    "text/plain",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=x",
+    "application/octet-stream",
+    "",
+]
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    name=st.sampled_from(ALL_ROUTES),
+    method=st.sampled_from(["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]),
+    content_type=st.sampled_from(CONTENT_TYPES),
+    data=st.binary(max_size=64)
+    | st.text(max_size=64).map(str.encode)
+    | st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+        max_leaves=8,
+    ).map(lambda value: json.dumps(value).encode()),
+    encoded=st.booleans(),
+)
+def test_no_request_is_a_5xx_and_every_error_has_the_shape(
+    api, conn, seeded, name, method, content_type, data, encoded
+):
+    """Generated requests on every route (any method, content type, bytes, JSON value,
+    base64 or not): never a 5xx, and every 4xx is JSON with `error` and `message`."""
+    event = request(name, body=None)
+    event["requestContext"]["http"]["method"] = method
+    if content_type is not None:
+        event["headers"]["content-type"] = content_type
+    if data:
+        if encoded:
+            event["body"], event["isBase64Encoded"] = base64.b64encode(data).decode(), True
+        else:
+            event["body"] = data.decode("utf-8", "surrogateescape")
+    reply = api(event)
+    assert reply.status < 500, reply
+    if reply.status >= 400:
+        assert reply.is_error(reply.status), reply
