@@ -7,7 +7,14 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 USER_ID_PATTERN = r"^[A-Za-z0-9_.:@-]{1,128}$"
 EVENT_CODE_PATTERN = r"^[A-Za-z0-9-]{3,64}$"
@@ -92,13 +99,28 @@ class Profile(ProfileFields, _Identified):
     (Bases in this order put user_id first: pydantic orders fields base-first.)"""
 
 
+# A weight: finite, 0 to 10 (the database checks each is >= 0).
+Weight = Annotated[float, Field(ge=0, le=10, allow_inf_nan=False)]
+NO_POSITIVE_WEIGHT = (
+    "at least one weight must be greater than 0 (interests + complementarity + bio > 0):"
+    " with every weight 0 nobody could be ranked"
+)
+
+
 class MatchWeights(StrictModel):
     """Per-event weights of the score blocks: interests, complementarity (what one seeks and
-    the other offers, both ways) and bio."""
+    the other offers, both ways) and bio; each 0 to 10, at least one greater than 0."""
 
-    interests: Annotated[float, Field(ge=0, le=10)] = 1.0
-    complementarity: Annotated[float, Field(ge=0, le=10)] = 1.0
-    bio: Annotated[float, Field(ge=0, le=10)] = 0.5
+    interests: Weight = 1.0
+    complementarity: Weight = 1.0
+    bio: Weight = 0.5
+
+    @model_validator(mode="after")
+    def _some_weight_positive(self) -> MatchWeights:
+        # The database's CHECK (weight_interests + weight_complement + weight_bio > 0).
+        if self.interests + self.complementarity + self.bio <= 0:
+            raise ValueError(NO_POSITIVE_WEIGHT)
+        return self
 
     @property
     def total(self) -> float:

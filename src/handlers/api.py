@@ -27,12 +27,16 @@ from core.api.errors import (
     ConflictError,
     DomainError,
     ForbiddenError,
+    InvalidEncodingError,
+    InvalidInputError,
     MatchingTimeoutError,
     NotFoundError,
     TooLargeError,
     UnauthorizedError,
+    UnsupportedMediaTypeError,
 )
 from core.api.principals import Principal
+from core.api.request_body import MAX_BODY_BYTES, body_bytes, parse_object
 from core.api.schemas import (
     AttendeeIn,
     AttendeeOut,
@@ -57,7 +61,6 @@ from core.observability import logger, metrics, tracer
 from core.queue.deadline import monotonic_deadline
 from core.settings import get_settings
 
-MAX_BODY_BYTES = 256 * 1024
 API_VERSION = "1.0.0"
 
 app = APIGatewayHttpResolver(enable_validation=True)
@@ -82,22 +85,30 @@ STATUS_OF_ERROR: dict[type[DomainError], int] = {
     UnauthorizedError: 401,
     ConflictError: 409,
     TooLargeError: 413,
+    UnsupportedMediaTypeError: 415,
+    InvalidInputError: 422,
     MatchingTimeoutError: 503,
+    InvalidEncodingError: 400,
     DomainError: 400,
 }
 ERROR_MEANING = {
-    400: "well-formed but impossible (an attendee dismissing themselves)",
+    400: "a body that is not valid UTF-8 (or not valid base64 when marked so), or a request"
+    " well-formed but impossible (an attendee dismissing themselves)",
     401: "no verified token",
     403: "the caller's role may not do this",
     404: "unknown event or attendee",
     409: "conflicts with the current state (other settings, a paused event)",
-    413: "body over 256 KiB, or an event too large for synchronous matching",
-    415: "the body is not application/json",
-    422: "invalid input: malformed JSON, wrong types, unknown fields, bad path parameters",
+    413: f"body over {MAX_BODY_BYTES // 1024} KiB, or an event too large to match at once",
+    415: "the body is not application/json in UTF-8",
+    422: "invalid input: malformed JSON, a body that is not one JSON object within the limits"
+    " (nesting, integer digits, no NaN/Infinity, no duplicate keys), wrong types, unknown"
+    " fields, out-of-range values, a path that is not printable ASCII or bad path parameters",
     503: "the database is unavailable, a concurrent change kept conflicting, or synchronous"
     " matching ran out of time",
 }
-EVERY_ROUTE_ERRORS = (401, 403, 413, 415, 422, 503)  # lambda_handler, validation, database
+# Every request's body, if any, is read by lambda_handler (400, 413, 415, 422) before the
+# route is known; then validation (422) and the database (503).
+EVERY_ROUTE_ERRORS = (400, 401, 403, 413, 415, 422, 503)
 
 
 def _error(status: int, code: str, message: str, details: Any = None) -> Response[str]:
@@ -108,6 +119,8 @@ def _error(status: int, code: str, message: str, details: Any = None) -> Respons
 @app.exception_handler(DomainError)
 def _domain_error(exc: DomainError) -> Response[str]:
     status = next(STATUS_OF_ERROR[c] for c in type(exc).__mro__ if c in STATUS_OF_ERROR)
+    if isinstance(exc, InvalidInputError):  # the same shape as the models' validation errors
+        return _error(status, exc.code, exc.message, [{"field": exc.field, "message": exc.problem}])
     return _error(status, exc.code, exc.message)
 
 
@@ -122,7 +135,9 @@ def _problem(err: Any) -> dict[str, str]:
     if err.get("type") == "json_invalid":
         return {"field": "body", "message": "malformed JSON"}
     field = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-    return {"field": field, "message": str(err.get("msg", "invalid"))}
+    if not field and err.get("type") == "missing":
+        return {"field": "body", "message": "this route needs a JSON object as its body"}
+    return {"field": field or "body", "message": str(err.get("msg", "invalid"))}
 
 
 @app.exception_handler(list(CONFLICT_ERRORS))  # what service.retried still got after retries
@@ -170,20 +185,56 @@ def principal_of(event: APIGatewayProxyEventV2) -> Principal:
         raise UnauthorizedError("missing or invalid authorization") from exc
 
 
-def reject_early(event: APIGatewayProxyEventV2) -> Response[str] | None:
-    """Fail closed before anything else looks at the request: no verified claims, no
-    access (401 even when the input or the route is also invalid); oversize bodies are
-    never parsed."""
-    try:
-        principal_of(event)
-    except UnauthorizedError as exc:
-        return _error(401, exc.code, exc.message)
-    if len((event.body or "").encode()) > MAX_BODY_BYTES:
-        return _error(413, "too_large", f"request body is larger than {MAX_BODY_BYTES} bytes")
-    content_type = (event.headers or {}).get("content-type", "application/json").lower()
-    if event.body and not content_type.startswith("application/json"):
-        return _error(415, "unsupported_media_type", "send the body as application/json")
-    return None
+def admitted(event: dict[str, Any]) -> dict[str, Any]:
+    """The request as the resolver may see it, or the DomainError that answers it first.
+
+    Fail closed before anything else looks at the request: no verified claims, no access
+    (401 even when the input or the route is also invalid). Then the path (422 unless
+    printable ASCII) and the body, on every route alike: the bytes (413 over the limit,
+    400 not UTF-8 or bad base64), the media type (415), and one JSON object within the
+    limits (422; see core.api.request_body). The resolver gets that object re-serialised
+    as application/json, so its own json.loads cannot choke, and never an array's first
+    element (nor a form's empty fields). Routes
+    without a body ignore a body that passes these checks.
+    """
+    principal_of(APIGatewayProxyEventV2(event))
+    _check_path(event.get("rawPath") or "")
+    data = body_bytes(event.get("body"), bool(event.get("isBase64Encoded")))
+    if data and not _is_json(event.get("headers") or {}):
+        raise UnsupportedMediaTypeError("send the body as application/json (UTF-8)")
+    parsed = parse_object(data)
+    # The resolver parses by content type: with no body, a form or multipart type would
+    # make it read "no fields" as a valid body of defaults (a wiped profile).
+    headers = {k: v for k, v in (event.get("headers") or {}).items() if k.lower() != "content-type"}
+    clean = {**event, "headers": {**headers, "content-type": "application/json"}}
+    clean["isBase64Encoded"] = False
+    if parsed is None:
+        clean.pop("body", None)
+    else:
+        clean["body"] = json.dumps(parsed)
+    return clean
+
+
+def _check_path(path: str) -> None:
+    """Paths are printable ASCII (codes and user ids are): anything else is 422, a control
+    character above all (the router drops a trailing newline: event x for "x<LF>")."""
+    odd = next((i for i, c in enumerate(path) if not "!" <= c <= "~"), None)
+    if odd is not None:
+        raise InvalidInputError(
+            f"the path may only hold printable ASCII; U+{ord(path[odd]):04X} at character"
+            f" {odd + 1}",
+            field="path",
+        )
+
+
+def _is_json(headers: dict[str, str]) -> bool:
+    """No content type (JSON by default), or application/json without another charset."""
+    value = next((v for k, v in headers.items() if k.lower() == "content-type"), None)
+    if value is None:
+        return True
+    media_type, *parameters = (part.strip().lower() for part in value.split(";"))
+    charsets = {p.partition("=")[2].strip('"') for p in parameters if p.startswith("charset=")}
+    return media_type == "application/json" and charsets <= {"utf-8", "utf8"}
 
 
 def _principal() -> Principal:
@@ -367,12 +418,14 @@ def openapi_document() -> dict[str, Any]:
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    rejected = reject_early(APIGatewayProxyEventV2(event))
-    if rejected is not None:
+    try:
+        request = admitted(event)
+    except DomainError as exc:
+        rejected = _domain_error(exc)
         return {
             "statusCode": rejected.status_code,
             "headers": {"Content-Type": "application/json"},
             "body": rejected.body,
             "isBase64Encoded": False,
         }
-    return app.resolve(event, context)
+    return app.resolve(request, context)

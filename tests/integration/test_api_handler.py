@@ -1077,6 +1077,38 @@ BAD_INPUT = [
     bad("admin_start", 422, "start-priority-negative", body={"priority": -1}),
     bad("admin_start", 422, "start-priority-wrong-type", body={"priority": "high"}),
     bad("admin_start", 422, "start-unknown-field", body={"mode": "everyone", "dryRun": True}),
+    # admin_settings (a valid patch would re-queue the event and invoke the matchmaker)
+    bad("admin_settings", 422, "settings-k-zero", body={"k": 0}),
+    bad("admin_settings", 422, "settings-k-a-string", body={"k": "2"}),
+    bad("admin_settings", 422, "settings-weight-negative", body={"weights": {"bio": -1}}),
+    bad(
+        "admin_settings",
+        422,
+        "settings-weights-all-zero",
+        body={"weights": {"interests": 0, "complementarity": 0, "bio": 0}},
+    ),
+    bad("admin_settings", 422, "settings-weight-nan", body='{"weights": {"bio": NaN}}'),
+    bad("admin_settings", 422, "settings-unknown-embedder", body={"embedder": "word2vec"}),
+    bad("admin_settings", 422, "settings-array-of-a-patch", body=[{"k": 2}]),
+    # hostile bodies that ended in 5xx or were taken as their first element
+    bad(
+        "create_event",
+        422,
+        "create-weights-all-zero",
+        body={
+            "code": "devsummit-2026",
+            "settings": {"weights": dict.fromkeys(["interests", "complementarity", "bio"], 0)},
+        },
+    ),
+    bad("create_event", 422, "create-array-of-an-event", body=[{"code": "devsummit-2026"}]),
+    bad("create_event", 422, "create-depth-10000", body="[" * 10_000 + "]" * 10_000),
+    bad(
+        "create_event",
+        422,
+        "create-5000-digit-k",
+        body='{"code": "x", "settings": {"k": ' + "1" * 5000 + "}}",
+    ),
+    bad("put_attendee", 422, "put-array-of-a-profile", body=[{"bio": "overwritten"}]),
     # oversize bodies that fail validation too
     bad(
         "put_attendee",

@@ -49,3 +49,29 @@ class MatchingTimeoutError(DomainError):
     """Synchronous matching ran out of time; the rest stays queued."""
 
     code = "timeout"
+
+
+class InvalidInputError(DomainError):
+    """Input the models could not be asked about, or that only the operation can judge: a
+    body that is not a JSON object within the limits, settings invalid once merged with
+    the current ones. `field` says where (a dotted path; "body" for the whole body);
+    `problem` is the stable short form for the details, when the message adds specifics."""
+
+    code = "validation_error"
+
+    def __init__(self, message: str, field: str = "body", problem: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.problem = problem or message
+
+
+class InvalidEncodingError(DomainError):
+    """The body's bytes are not what they claim to be: not UTF-8, or not base64."""
+
+    code = "invalid_encoding"
+
+
+class UnsupportedMediaTypeError(DomainError):
+    """A body that is not application/json (in UTF-8)."""
+
+    code = "unsupported_media_type"

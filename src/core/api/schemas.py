@@ -10,11 +10,11 @@ from pydantic import BaseModel, Field
 from core.models import (
     EventCode,
     EventSettings,
-    MatchWeights,
     Profile,
     ProfileFields,
     StrictModel,
     UserId,
+    Weight,
 )
 
 
@@ -75,14 +75,23 @@ class SeedStartIn(StrictModel):
         return StartIn(mode=self.mode, priority=self.priority)
 
 
+class WeightsPatch(StrictModel):
+    """New weights; omitted (or null) ones keep their value. At least one of the resulting
+    weights must be greater than 0."""
+
+    interests: Weight | None = None
+    complementarity: Weight | None = None
+    bio: Weight | None = None
+
+
 class SettingsPatch(StrictModel):
-    """Admin change of an event's matching settings; omitted fields keep their value.
-    Any change re-queues the whole event (k, weights, exclusions and the embedder change
-    every list), and a new embedder re-embeds everyone."""
+    """Admin change of an event's matching settings; omitted (or null) fields keep their
+    value, and so do omitted weights. Any change re-queues the whole event (k, weights,
+    exclusions and the embedder change every list), and a new embedder re-embeds everyone."""
 
     k: Annotated[int, Field(ge=1, le=10)] | None = None
     exclude_same_company: bool | None = None
-    weights: MatchWeights | None = None
+    weights: WeightsPatch | None = None
     embedder: Literal["local", "openai"] | None = None
     icebreakers: bool | None = None
 

@@ -13,9 +13,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
+from pydantic import ValidationError
+
 from core.api.errors import (
     ConflictError,
     DomainError,
+    InvalidInputError,
     MatchingTimeoutError,
     NotFoundError,
     TooLargeError,
@@ -39,7 +42,7 @@ from core.api.status import event_status
 from core.data import repository as repo
 from core.data.conflicts import retry_conflicts
 from core.data.repository import Conn
-from core.models import AttendeeMatches, EventIn, EventRecord, Match
+from core.models import AttendeeMatches, EventIn, EventRecord, EventSettings, Match
 from core.settings import Settings
 
 if TYPE_CHECKING:
@@ -268,13 +271,32 @@ def update_settings(
     principal.require_admin()
     with conn.transaction():
         event = _event(conn, code)
-        settings = event.settings.model_copy(update=body.model_dump(exclude_none=True))
+        settings = patched_settings(event.settings, body)
         changed = settings != event.settings
         if changed:
             repo.update_event_settings(conn, event.id, settings)  # the trigger re-queues
     if changed:
         invoke(code)
     return get_event(conn, principal, code)
+
+
+def patched_settings(current: EventSettings, patch: SettingsPatch) -> EventSettings:
+    """The current settings with the patch's fields (and weights) replaced, validated as a
+    whole: InvalidInputError when the result is invalid (every weight 0)."""
+    merged = {**current.model_dump(), **patch.model_dump(exclude_none=True)}
+    if patch.weights is not None:
+        merged["weights"] = {
+            **current.weights.model_dump(),
+            **patch.weights.model_dump(exclude_none=True),
+        }
+    try:
+        return EventSettings.model_validate(merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "body"
+        raise InvalidInputError(
+            f"{field}: {first['msg'].removeprefix('Value error, ')}", field=field
+        ) from exc
 
 
 @retried
