@@ -382,7 +382,7 @@ class GatewayHandler(BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """Never HTML: whatever calls this gets the JSON shape."""
-        phrase = HTTPStatus(code).phrase if code in HTTPStatus._value2member_map_ else "Error"
+        phrase = _phrase(code) or "Error"
         self._send_error_reply(code, phrase.lower().replace(" ", "_"), message or phrase)
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -562,8 +562,7 @@ class GatewayHandler(BaseHTTPRequestHandler):
         self._send_reply(status, body, {"Content-Type": "application/json"})
 
     def _send_reply(self, status: int, body: bytes, headers: dict[str, str]) -> None:
-        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
-        lines = [f"HTTP/1.0 {status} {phrase}".rstrip()]
+        lines = [f"HTTP/1.0 {status} {_phrase(status)}".rstrip()]
         lines += [
             f"{key}: {value}"
             for key, value in headers.items()
@@ -594,6 +593,13 @@ class GatewayHandler(BaseHTTPRequestHandler):
                     break
         except OSError:
             pass
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 def _request_line(raw: bytes) -> tuple[str, str, str]:
