@@ -318,10 +318,6 @@ class RequestHead:
     version: str
     fields: dict[str, list[str]]  # lower-case name -> every value, in order
 
-    def one(self, name: str) -> str | None:
-        values = self.fields.get(name)
-        return values[0] if values else None
-
 
 class LocalHTTPServer(PooledHTTPServer):
     """The pooled server with the API Gateway stand-in and the transport's time limits.

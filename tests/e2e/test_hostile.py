@@ -806,8 +806,8 @@ def test_corpus_is_large_and_distinct(hostile: Hostile) -> None:
 def test_hostile_request_gets_a_json_4xx(case: Case, corpus_answers: Hostile) -> None:
     answer = corpus_answers.answers[case.id]
     assert_error_shape(answer, case.status)
-    # Timeouts answer in about READ_TIMEOUT_S, everything else at once.
-    assert answer.elapsed_s < READ_TIMEOUT_S + 5, answer
+    if case.status == 408:  # after the read timeout, not the old minute
+        assert answer.elapsed_s < READ_TIMEOUT_S + 5, answer
 
 
 def test_corpus_wrote_nothing(corpus_answers: Hostile) -> None:
@@ -842,16 +842,17 @@ def test_accepted_authorization_forms(hostile: Hostile) -> None:
         assert answer.status == 200, (value[:10], answer)
 
 
-def test_body_reaches_the_function_untouched(hostile: Hostile) -> None:
-    """Identical Content-Length values, a chunk of JSON with non-ASCII text: accepted as
-    sent (the server frames, the function decides)."""
+def test_identical_content_lengths_and_utf8_text_are_accepted(hostile: Hostile) -> None:
+    """A Content-Length list of one value (RFC 9112 allows it) and non-ASCII UTF-8 text:
+    accepted as sent (the server frames, the function decides)."""
     route = Route("put", "PUT", f"/events/{EVENT}/attendees/hst-c")
     body = json.dumps({"name": "Zoë Ørsted", "interests": ["AI"]}, ensure_ascii=False).encode()
     data = head(route, hostile.ctx.admin, length=f"{len(body)}, {len(body)}") + body
     answer = exchange(hostile.port, data)
     assert answer.status == 200, answer
-    reply = call(hostile.server, "GET", f"/events/{EVENT}", hostile.server.service)
-    assert reply.status == 200
+    assert answer.json()["status"] == "updated"
+    again = exchange(hostile.port, data)
+    assert again.status == 200 and again.json()["status"] == "unchanged", again
 
 
 def test_server_limits_match_the_api() -> None:
