@@ -41,7 +41,7 @@ from tooling.local_runs import (
     recreate_event,
     verify,
 )
-from tooling.local_stack import LocalStack
+from tooling.local_stack import READ_TIMEOUT_S, LocalStack
 from tooling.oracle import VerifyReport
 from tooling.smoke import SmokeUsageError, run_smoke
 from tooling.synthetic import generate_profiles
@@ -306,7 +306,13 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    stack = LocalStack(settings, host=args.host, port=args.port, schedule_s=args.schedule_seconds)
+    stack = LocalStack(
+        settings,
+        host=args.host,
+        port=args.port,
+        schedule_s=args.schedule_seconds,
+        read_timeout_s=args.read_timeout_seconds,
+    )
     stack.start()
     admin = devauth.mint(stack.secret, "admin", "local-admin")
     service = devauth.mint(stack.secret, "service", "local-app")
@@ -459,6 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=5.0,
         help="how often the matchmaker runs (triggers run it at once)",
+    )
+    p.add_argument(
+        "--read-timeout-seconds",
+        type=float,
+        default=READ_TIMEOUT_S,
+        help="a started request that sends nothing for this long is answered 408",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -2,7 +2,12 @@
 
 The local server verifies them and hands their claims to the handlers exactly as API
 Gateway's JWT authorizer would, so local runs exercise the same authorisation code as
-production (roles from scopes, attendees by `sub`)."""
+production (roles from scopes, attendees by `sub`). The checks follow that authorizer:
+exactly three base64url segments; a JSON-object header naming HS256 and nothing that
+points at another key (no `kid`, `jwk`, `jku`, `x5u`, `x5c`, `crit`); a valid signature;
+a JSON-object payload with our issuer and audience; `exp` a number in the future; `nbf`
+and `iat`, when present, numbers not in the future. Clock checks allow LEEWAY_S of skew.
+Anything else is a TokenError (the server answers 401)."""
 
 from __future__ import annotations
 
@@ -10,19 +15,27 @@ import base64
 import hashlib
 import hmac
 import json
+import math
+import re
 import secrets
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 ISSUER = "matchmaker-local"
 AUDIENCE = "matchmaker"
+ALGORITHM = "HS256"
 DEFAULT_TTL_S = 7 * 24 * 3600
+LEEWAY_S = 30  # clock skew tolerated on exp, nbf and iat (the clocks are this machine's)
 ROLE_SCOPES = {"admin": "matchmaker/admin", "service": "matchmaker/service", "attendee": ""}
+HEADER_KEYS = frozenset({"alg", "typ"})  # anything else could name another key or algorithm
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")  # unpadded, as RFC 7515 requires
+_SIGNATURE_BYTES = hashlib.sha256().digest_size
 
 
 class TokenError(ValueError):
-    """The token is malformed, wrongly signed or expired."""
+    """The token is malformed, wrongly signed, expired or not yet valid."""
 
 
 def _b64(data: bytes) -> str:
@@ -30,7 +43,47 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
+    # base64's decoder skips characters outside the alphabet: check them first.
+    if not _BASE64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise TokenError("malformed token: a segment is not base64url")
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _reject_constant(name: str) -> Any:
+    raise TokenError(f"malformed token: {name} is not JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise TokenError("malformed token: a key appears twice")
+    return dict(pairs)
+
+
+def _json_object(segment: str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(
+            _unb64(segment).decode("utf-8"),
+            parse_constant=_reject_constant,
+            object_pairs_hook=_unique_keys,
+        )
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError too
+        raise TokenError(f"malformed token: the {what} is not JSON") from exc
+    if not isinstance(value, dict):
+        raise TokenError(f"malformed token: the {what} is not a JSON object")
+    return value
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+    """A NumericDate claim (RFC 7519: seconds, integer or not); None when absent."""
+    if name not in claims:
+        return None
+    value = claims[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TokenError(f"{name} is not a number")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TokenError(f"{name} is not a number")
+    return float(value)
 
 
 def load_secret(path: Path) -> bytes:
@@ -42,6 +95,15 @@ def load_secret(path: Path) -> bytes:
     path.write_bytes(secret)
     path.chmod(0o600)
     return secret
+
+
+def sign(secret: bytes, claims: Mapping[str, Any], header: Mapping[str, Any] | None = None) -> str:
+    """A JWT of these claims signed with HMAC-SHA256, whatever the header says (tests use
+    it to build tokens the verifier must refuse)."""
+    head = _b64(json.dumps(header or {"alg": ALGORITHM, "typ": "JWT"}).encode())
+    payload = _b64(json.dumps(dict(claims), separators=(",", ":")).encode())
+    signature = hmac.new(secret, f"{head}.{payload}".encode(), hashlib.sha256).digest()
+    return f"{head}.{payload}.{_b64(signature)}"
 
 
 def mint(secret: bytes, role: str, subject: str, ttl_s: int = DEFAULT_TTL_S) -> str:
@@ -56,26 +118,42 @@ def mint(secret: bytes, role: str, subject: str, ttl_s: int = DEFAULT_TTL_S) -> 
         "exp": now + ttl_s,
         "scope": ROLE_SCOPES[role],
     }
-    header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
-    signature = hmac.new(secret, f"{header}.{payload}".encode(), hashlib.sha256).digest()
-    return f"{header}.{payload}.{_b64(signature)}"
+    return sign(secret, claims)
 
 
-def verify(secret: bytes, token: str) -> dict[str, Any]:
+def verify(secret: bytes, token: str, *, now: float | None = None) -> dict[str, str]:
     """The token's claims, as API Gateway's authorizer passes them (strings)."""
-    try:
-        header, payload, signature = token.split(".")
-        expected = hmac.new(secret, f"{header}.{payload}".encode(), hashlib.sha256).digest()
-        if not hmac.compare_digest(expected, _unb64(signature)):
-            raise TokenError("bad signature")
-        if json.loads(_unb64(header)).get("alg") != "HS256":
-            raise TokenError("unexpected algorithm")
-        claims: dict[str, Any] = json.loads(_unb64(payload))
-    except (ValueError, json.JSONDecodeError) as exc:
-        raise TokenError(f"malformed token: {exc}") from exc
-    if claims.get("iss") != ISSUER or claims.get("aud") != AUDIENCE:
-        raise TokenError("wrong issuer or audience")
-    if int(claims.get("exp", 0)) < time.time():
+    segments = token.split(".")
+    if len(segments) != 3:
+        raise TokenError("malformed token: a JWT has three segments")
+    header_text, payload_text, signature_text = segments
+    header = _json_object(header_text, "header")
+    if header.get("alg") != ALGORITHM:
+        raise TokenError(f"unexpected algorithm: only {ALGORITHM} is accepted")
+    if not header.keys() <= HEADER_KEYS or header.get("typ", "JWT") != "JWT":
+        raise TokenError("unexpected header: only alg and typ (JWT) are accepted")
+    signature = _unb64(signature_text)
+    expected = hmac.new(secret, f"{header_text}.{payload_text}".encode(), hashlib.sha256)
+    if len(signature) != _SIGNATURE_BYTES or not hmac.compare_digest(expected.digest(), signature):
+        raise TokenError("bad signature")
+    claims = _json_object(payload_text, "payload")
+    if claims.get("iss") != ISSUER:
+        raise TokenError("wrong issuer")
+    audience = claims.get("aud")
+    if audience != AUDIENCE and not (isinstance(audience, list) and AUDIENCE in audience):
+        raise TokenError("wrong audience")
+    if not isinstance(claims.get("sub"), str) or not claims["sub"]:
+        raise TokenError("no subject")
+    current = time.time() if now is None else now
+    expires = _numeric_date(claims, "exp")
+    if expires is None:
+        raise TokenError("no expiry")
+    if expires + LEEWAY_S <= current:
         raise TokenError("expired")
-    return {key: str(value) for key, value in claims.items()}
+    for name in ("nbf", "iat"):
+        moment = _numeric_date(claims, name)
+        if moment is not None and moment - LEEWAY_S > current:
+            raise TokenError(f"{name} is in the future")
+    return {
+        key: value if isinstance(value, str) else json.dumps(value) for key, value in claims.items()
+    }

@@ -12,14 +12,24 @@ database connection, handling one request at a time, exactly as in AWS. They are
 not threads, because the handler's per-request state is process-wide (Powertools keeps the
 current event on the resolver class), so two threads in one process would see each other's
 callers. A bounded pool of HTTP threads reads requests and waits for the workers.
+
+In front of the workers stands what API Gateway does before the function runs
+(GatewayHandler): strict HTTP/1.x parsing under size limits and timeouts (the MAX_* and
+*_TIMEOUT_S constants), the JWT check (tooling.dev_tokens) and the 256 KiB body limit. Every
+answer it makes itself has the API's error shape, {"error": code, "message": what to fix},
+with a 4xx status; each connection carries one request.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import multiprocessing
 import os
+import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -30,22 +40,31 @@ from concurrent.futures import TimeoutError as FutureTimeoutError
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email.utils import formatdate
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from core import aws
+from core.api.request_body import MAX_BODY_BYTES
 from core.data.connections import DatabaseUnavailableError, embedded_server_uri
 from core.observability import logger
 from core.settings import Settings, get_settings
 from tooling import dev_tokens as devauth
 
-MAX_REQUEST_BYTES = 1024 * 1024  # API Gateway's own limit is higher; ours rejects > 256 KiB
 API_TIMEOUT_MS = 29_000  # the API function's timeout
 HTTP_THREADS_PER_WORKER = 4  # threads reading requests and writing replies per worker
-SOCKET_TIMEOUT_S = 60.0  # a client that stalls mid-request frees its thread
 WORKER_START_TIMEOUT_S = 60.0
+# Transport limits. A client that breaks one gets a JSON 4xx and the connection is closed.
+MAX_REQUEST_LINE_BYTES = 8 * 1024  # 414 above (the line with its CRLF)
+MAX_HEADER_BYTES = 16 * 1024  # 431 above: every header line together
+MAX_HEADERS = 100  # 431 above
+READ_TIMEOUT_S = 5.0  # 408 when a started request sends nothing for this long
+REQUEST_TIMEOUT_S = 20.0  # 408 when the whole request has not arrived by then (slow clients)
+LINGER_S = 2.0  # after the reply, unread input is drained this long so no RST eats the reply
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # these need a Content-Length (else 411)
 
 
 @dataclass
@@ -103,9 +122,19 @@ def api_event(
         "rawQueryString": parts.query,
         "headers": headers,
         "requestContext": context,
-        "body": body.decode("utf-8", errors="replace") if body else None,
-        "isBase64Encoded": False,
+        **_event_body(body),
     }
+
+
+def _event_body(body: bytes | None) -> dict[str, Any]:
+    """The body untouched: as text when it is UTF-8, else base64 (as API Gateway passes a
+    payload it cannot pass as text)."""
+    if not body:
+        return {"body": None, "isBase64Encoded": False}
+    try:
+        return {"body": body.decode("utf-8"), "isBase64Encoded": False}
+    except UnicodeDecodeError:
+        return {"body": base64.b64encode(body).decode(), "isBase64Encoded": True}
 
 
 # --- inside an API worker process ----------------------------------------------------------
@@ -254,6 +283,362 @@ class PooledHTTPServer(HTTPServer):
         self._threads.shutdown(wait=True)
 
 
+# --- the front door: what API Gateway does before the function runs -------------------------
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token (methods, field names)
+_TARGET = re.compile(r"/[\x21-\x7e]*")  # origin-form: a path (and query), visible ASCII only
+_FIELD_VALUE_FORBIDDEN = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # controls other than HTAB
+_DIGITS = re.compile(r"[0-9]+")
+_MAX_LENGTH_DIGITS = 15  # a longer Content-Length is over any limit (and int() of it is slow)
+
+
+class HttpError(Exception):
+    """A request the local server answers itself, with the API's error shape."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """What stands in front of the API function: the token check and the invocation."""
+
+    secret: bytes
+    invoke: Callable[[dict[str, Any]], tuple[dict[str, Any], bool]]
+    on_matchmaker_invoked: Callable[[], None]
+    max_body_bytes: int
+
+
+@dataclass
+class RequestHead:
+    method: str
+    target: str
+    version: str
+    fields: dict[str, list[str]]  # lower-case name -> every value, in order
+
+
+class LocalHTTPServer(PooledHTTPServer):
+    """The pooled server with the API Gateway stand-in and the transport's time limits.
+
+    Each connection carries one request (HTTP/1.0 replies, `Connection: close`)."""
+
+    read_timeout_s = READ_TIMEOUT_S
+    request_timeout_s = REQUEST_TIMEOUT_S
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        threads: int,
+        gateway: Gateway,
+        *,
+        read_timeout_s: float | None = None,
+        request_timeout_s: float | None = None,
+    ) -> None:
+        self.gateway = gateway
+        if read_timeout_s is not None:
+            self.read_timeout_s = read_timeout_s
+        if request_timeout_s is not None:
+            self.request_timeout_s = request_timeout_s
+        super().__init__(address, GatewayHandler, threads)
+
+
+class GatewayHandler(BaseHTTPRequestHandler):
+    """Reads one raw HTTP request under strict limits, checks its token and hands it to
+    the API function. Every answer it makes itself is JSON in the API's error shape
+    (never BaseHTTPRequestHandler's HTML), and the body reaches the function untouched."""
+
+    server: LocalHTTPServer
+    server_version = "matchmaker-local"
+    sys_version = ""
+
+    def handle(self) -> None:
+        self.close_connection = True
+        self.command, self.path, self.request_version = "", "", "HTTP/1.0"
+        self._deadline = time.monotonic() + self.server.request_timeout_s
+        try:
+            head = self._read_head()
+            if head is not None:
+                self._serve(head)
+        except HttpError as exc:
+            self._send_error_reply(exc.status, exc.code, exc.message)
+        except TimeoutError:
+            self._send_error_reply(
+                408,
+                "request_timeout",
+                f"the request did not arrive in time: send it whole within "
+                f"{self.server.request_timeout_s:g}s, with no pause over "
+                f"{self.server.read_timeout_s:g}s",
+            )
+        except ConnectionError:
+            logger.info("client %s disconnected mid-request", self.client_address)
+        finally:
+            self._linger()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Never HTML: whatever calls this gets the JSON shape."""
+        phrase = _phrase(code) or "Error"
+        self._send_error_reply(code, phrase.lower().replace(" ", "_"), message or phrase)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug(format % args)
+
+    # --- reading -------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        """The next wait on the socket: at most read_timeout_s, and never past the deadline."""
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("request deadline")
+        self.connection.settimeout(min(self.server.read_timeout_s, remaining))
+
+    def _read_line(self, limit: int, too_long: HttpError) -> bytes:
+        """One line with its LF, at most `limit` bytes; b"" when the client sent nothing.
+        Reads what has arrived (peek), so a client trickling bytes meets the deadline."""
+        line = bytearray()
+        while True:
+            self._arm()
+            chunk = cast(io.BufferedReader, self.rfile).peek(1)
+            if not chunk:
+                if line:
+                    raise HttpError(400, "bad_request", "the request ended mid-line")
+                return b""
+            end = chunk.find(b"\n")
+            take = len(chunk) if end < 0 else end + 1
+            take = min(take, limit + 1 - len(line))
+            line += self.rfile.read(take)
+            if len(line) > limit:
+                raise too_long
+            if line.endswith(b"\n"):
+                return bytes(line)
+
+    def _read_head(self) -> RequestHead | None:
+        raw = self._read_line(
+            MAX_REQUEST_LINE_BYTES,
+            HttpError(
+                414, "uri_too_long", f"the request line is over {MAX_REQUEST_LINE_BYTES} bytes"
+            ),
+        )
+        if not raw:
+            return None  # connected and closed: nothing to answer
+        method, target, version = _request_line(raw)
+        self.command, self.path, self.request_version = method, target, version
+        fields: dict[str, list[str]] = {}
+        too_large = HttpError(
+            431, "headers_too_large", f"the headers are over {MAX_HEADER_BYTES} bytes"
+        )
+        budget, count = MAX_HEADER_BYTES, 0
+        while True:
+            line = self._read_line(budget, too_large)
+            if not line:
+                raise HttpError(400, "bad_request", "the request ended inside its headers")
+            budget -= len(line)
+            if line in (b"\r\n", b"\n"):
+                break
+            count += 1
+            if count > MAX_HEADERS:
+                raise HttpError(431, "headers_too_large", f"more than {MAX_HEADERS} headers")
+            name, value = _header_field(line)
+            fields.setdefault(name, []).append(value)
+        head = RequestHead(method, target, version, fields)
+        hosts = fields.get("host", [])
+        if len(hosts) > 1 or (version == "HTTP/1.1" and not hosts):
+            raise HttpError(400, "bad_request", "send exactly one Host header")
+        return head
+
+    def _body_length(self, head: RequestHead) -> int:
+        if "transfer-encoding" in head.fields:
+            if "content-length" in head.fields:
+                raise HttpError(
+                    400, "bad_request", "send Content-Length or Transfer-Encoding, not both"
+                )
+            raise HttpError(
+                411,
+                "length_required",
+                "Transfer-Encoding is not supported by the local server: send the body "
+                "with a Content-Length",
+            )
+        values = [
+            part.strip()
+            for value in head.fields.get("content-length", [])
+            for part in value.split(",")
+        ]
+        if not values:
+            if head.method in BODY_METHODS:
+                raise HttpError(
+                    411, "length_required", f"{head.method} needs a Content-Length (0 for no body)"
+                )
+            return 0
+        if not all(_DIGITS.fullmatch(value) for value in values):
+            raise HttpError(
+                400, "bad_request", "Content-Length must be a non-negative decimal integer"
+            )
+        lengths = {int(v) if len(v) <= _MAX_LENGTH_DIGITS else sys.maxsize for v in values}
+        if len(lengths) > 1:
+            raise HttpError(400, "bad_request", "the Content-Length values disagree")
+        return lengths.pop()
+
+    def _read_body(self, length: int) -> bytes:
+        body = bytearray()
+        while len(body) < length:
+            self._arm()
+            chunk = self.rfile.read1(min(length - len(body), 64 * 1024))
+            if not chunk:
+                raise HttpError(
+                    400,
+                    "bad_request",
+                    f"the body ended after {len(body)} of its {length} bytes (Content-Length)",
+                )
+            body += chunk
+        return bytes(body)
+
+    # --- the gateway -----------------------------------------------------------------------
+
+    def _claims(self, head: RequestHead) -> dict[str, str]:
+        """The verified claims; 401 otherwise, before the function runs, as API Gateway's
+        JWT authorizer answers. Like it, takes the token alone or after `Bearer ` (the
+        scheme in any case, RFC 9110)."""
+        values = head.fields.get("authorization")
+        if values is None:
+            raise HttpError(401, "unauthorized", "send a token: Authorization: Bearer <token>")
+        if len(values) > 1:
+            raise HttpError(401, "unauthorized", "send one Authorization header")
+        scheme, space, credentials = values[0].partition(" ")
+        if space and scheme.lower() != "bearer":
+            raise HttpError(401, "unauthorized", "use the Bearer scheme: Bearer <token>")
+        token = credentials.strip() if space else scheme
+        if not token or " " in token:
+            raise HttpError(401, "unauthorized", "the Authorization header holds no token")
+        try:
+            return devauth.verify(self.server.gateway.secret, token)
+        except devauth.TokenError as exc:
+            raise HttpError(
+                401, "unauthorized", f"invalid token ({exc}); get one with `matchmaker token`"
+            ) from exc
+
+    def _serve(self, head: RequestHead) -> None:
+        gateway = self.server.gateway
+        length = self._body_length(head)
+        claims = self._claims(head)  # API Gateway's authorizer runs before the body counts
+        if length > gateway.max_body_bytes:
+            raise HttpError(
+                413, "too_large", f"request body is larger than {gateway.max_body_bytes} bytes"
+            )
+        body = self._read_body(length)
+        headers = {name: ",".join(values) for name, values in head.fields.items()}
+        event = api_event(
+            head.method,
+            head.target,
+            headers=headers,
+            body=body,
+            claims=claims,
+            source_ip=self.client_address[0],
+        )
+        try:
+            result, invoked = gateway.invoke(event)
+        except FutureTimeoutError:  # API Gateway's answer when the function times out
+            self._send_error_reply(503, "unavailable", "the API function timed out; retry")
+            return
+        except Exception:  # ... and when it fails or its container dies
+            logger.exception("API invocation failed")
+            self._send_error_reply(500, "internal", "the API function failed; see the server log")
+            return
+        if invoked:
+            gateway.on_matchmaker_invoked()
+        data = result.get("body") or ""
+        payload = base64.b64decode(data) if result.get("isBase64Encoded") else str(data).encode()
+        self._send_reply(int(result.get("statusCode", 500)), payload, result.get("headers") or {})
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def _send_error_reply(self, status: int, code: str, message: str) -> None:
+        logger.info("answered %s %s to %s", status, code, self.client_address[0])
+        body = json.dumps({"error": code, "message": message}).encode()
+        self._send_reply(status, body, {"Content-Type": "application/json"})
+
+    def _send_reply(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        lines = [f"HTTP/1.0 {status} {_phrase(status)}".rstrip()]
+        lines += [
+            f"{key}: {value}"
+            for key, value in headers.items()
+            if key.lower() not in ("content-length", "connection", "transfer-encoding")
+        ]
+        lines += [
+            f"Server: {self.server_version}",
+            f"Date: {formatdate(usegmt=True)}",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+        ]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", errors="replace")
+        try:
+            self.connection.settimeout(self.server.read_timeout_s)
+            self.wfile.write(head if self.command == "HEAD" else head + body)
+        except OSError:
+            logger.info("client %s went away before the reply", self.client_address[0])
+
+    def _linger(self) -> None:
+        """Half-close, then read and drop what the client still sends for LINGER_S: a
+        close with unread input sends a reset, which can destroy the reply in flight."""
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            until = time.monotonic() + LINGER_S
+            while (left := until - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                if not self.connection.recv(64 * 1024):
+                    break
+        except OSError:
+            pass
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+def _request_line(raw: bytes) -> tuple[str, str, str]:
+    line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+    parts = line.split(b" ")
+    if len(parts) == 2:
+        raise HttpError(
+            400, "bad_request", "HTTP/0.9 requests are not served: send METHOD /path HTTP/1.1"
+        )
+    if len(parts) != 3:
+        raise HttpError(
+            400, "bad_request", "the request line must be METHOD /path HTTP/1.1 (single spaces)"
+        )
+    method, target, version = parts
+    if not _TOKEN.fullmatch(method):
+        raise HttpError(400, "bad_request", "the method is not a valid HTTP token")
+    try:
+        path = target.decode("ascii")
+    except UnicodeDecodeError:
+        path = ""
+    if not _TARGET.fullmatch(path):
+        raise HttpError(
+            400, "bad_request", "the target must be a path starting with / in visible ASCII"
+        )
+    if version not in (b"HTTP/1.0", b"HTTP/1.1"):
+        raise HttpError(400, "bad_request", "the protocol must be HTTP/1.0 or HTTP/1.1")
+    return method.decode("ascii"), path, version.decode("ascii")
+
+
+def _header_field(raw: bytes) -> tuple[str, str]:
+    line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+    if line[:1] in (b" ", b"\t"):
+        raise HttpError(400, "bad_request", "folded header lines are not accepted")
+    name, colon, value = line.partition(b":")
+    if not colon or not _TOKEN.fullmatch(name):
+        raise HttpError(400, "bad_request", "a header line is not `Name: value`")
+    value = value.strip(b" \t")
+    if _FIELD_VALUE_FORBIDDEN.search(value):
+        raise HttpError(400, "bad_request", "a header value holds control characters")
+    return name.decode("ascii").lower(), value.decode("latin-1")
+
+
 class Scheduler:
     """Runs the matchmaker handler every `interval_s`, and at once when woken."""
 
@@ -294,8 +679,10 @@ class LocalStack:
         schedule_s: float = 5.0,
         secret_path: Path | None = None,
         api_workers: int | None = None,
+        read_timeout_s: float = READ_TIMEOUT_S,
     ) -> None:
         self.settings = settings
+        self.read_timeout_s = read_timeout_s
         self.host = host
         self.port = port
         self.schedule_s = schedule_s
@@ -304,7 +691,7 @@ class LocalStack:
         )
         self.api_workers = api_workers or settings.api_workers
         self.moto: Any = None
-        self.http: PooledHTTPServer | None = None
+        self.http: LocalHTTPServer | None = None
         self.scheduler: Scheduler | None = None
         self.api: ApiWorkers | None = None
 
@@ -323,15 +710,21 @@ class LocalStack:
         get_settings.cache_clear()
         settings = get_settings()
         open_database(settings).close()  # migrate once, before serving
-        import handlers.matchmaker  # noqa: F401, PLC0415 - fails the start, not the first run
 
         self.scheduler = Scheduler(self.schedule_s, self._run_matchmaker)
         aws.local_invoke = lambda _payload: self.scheduler.wake() if self.scheduler else None
         self.api = ApiWorkers(self.api_workers, self._worker_environment(settings))
-        self.http = PooledHTTPServer(  # bind first: a taken port fails before any worker starts
+        gateway = Gateway(
+            secret=self.secret,
+            invoke=self.api.invoke,
+            on_matchmaker_invoked=self.scheduler.wake,
+            max_body_bytes=MAX_BODY_BYTES,
+        )
+        self.http = LocalHTTPServer(  # bind first: a taken port fails before any worker starts
             (self.host, self.port),
-            self._handler_class(self.api),
             self.api_workers * HTTP_THREADS_PER_WORKER,
+            gateway,
+            read_timeout_s=self.read_timeout_s,
         )
         self.api.start()
         self.scheduler.thread.start()
@@ -389,73 +782,3 @@ class LocalStack:
         )
         if summary.get("completed") or summary.get("failed"):
             logger.info("matchmaker", extra=summary)
-
-    def _handler_class(self, api: ApiWorkers) -> type[BaseHTTPRequestHandler]:
-        stack = self
-
-        class Handler(BaseHTTPRequestHandler):
-            server_version = "matchmaker-local"
-            timeout = SOCKET_TIMEOUT_S
-
-            def log_message(self, format: str, *args: Any) -> None:
-                logger.debug(format % args)
-
-            def _serve(self) -> None:
-                length = int(self.headers.get("content-length") or 0)
-                if length > MAX_REQUEST_BYTES:
-                    self._reply(413, {"error": "too_large", "message": "request too large"})
-                    return
-                body = self.rfile.read(length) if length else None
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                claims = None
-                token = headers.get("authorization", "").removeprefix("Bearer ").strip()
-                if token:
-                    try:
-                        claims = devauth.verify(stack.secret, token)
-                    except devauth.TokenError:
-                        # API Gateway answers 401 itself for a bad token.
-                        self._reply(401, {"message": "Unauthorized"})
-                        return
-                event = api_event(
-                    self.command,
-                    self.path,
-                    headers=headers,
-                    body=body,
-                    claims=claims,
-                    source_ip=self.client_address[0],
-                )
-                try:
-                    result, invoked = api.invoke(event)
-                except FutureTimeoutError:  # API Gateway's answer when the function times out
-                    self._reply(503, {"message": "Service Unavailable"})
-                    return
-                except Exception:  # ... and when it fails or its container dies
-                    logger.exception("API invocation failed")
-                    self._reply(500, {"message": "Internal Server Error"})
-                    return
-                if invoked and stack.scheduler is not None:
-                    stack.scheduler.wake()
-                self._reply(
-                    result.get("statusCode", 500),
-                    result.get("body") or "",
-                    result.get("headers") or {},
-                )
-
-            def _reply(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-                text = body if isinstance(body, str) else json.dumps(body)
-                data = text.encode()
-                self.send_response(status)
-                for key, value in (headers or {"Content-Type": "application/json"}).items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def __getattr__(self, name: str) -> Any:
-                # Every method (GET ... and TRACE, QUERY, anything) goes to the API, which
-                # answers routes it does not have with its JSON 404, as API Gateway would.
-                if name.startswith("do_"):
-                    return self._serve
-                raise AttributeError(name)
-
-        return Handler

@@ -146,11 +146,12 @@ def stop(server: Server) -> int:
         return -9
 
 
-def launch(env: dict[str, str], workdir: Path) -> Server:
-    """Start `matchmaker serve --port 0` with this environment; fail the test unless it
-    prints its URL and both tokens within START_TIMEOUT_S."""
+def launch(env: dict[str, str], workdir: Path, *options: str) -> Server:
+    """Start `matchmaker serve --port 0` with this environment (and these serve options);
+    fail the test unless it prints its URL and both tokens within START_TIMEOUT_S."""
     env = {**env, "MATCHMAKER_PGDATA": str(workdir / "pgdata"), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "tooling.cli", "serve", "--port", "0", "--schedule-seconds", "1"]
+    cmd += options
     with (workdir / "stderr.log").open("w") as stderr:
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True
