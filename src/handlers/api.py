@@ -18,6 +18,7 @@ from aws_lambda_powertools.event_handler.openapi.models import HTTPBearer
 from aws_lambda_powertools.event_handler.openapi.params import Path
 from aws_lambda_powertools.event_handler.openapi.types import OpenAPIResponse
 from aws_lambda_powertools.logging import correlation_paths
+from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.data_classes import APIGatewayProxyEventV2
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
@@ -57,7 +58,7 @@ from core.api.schemas import (
 from core.data.conflicts import CONFLICT_ERRORS
 from core.data.connections import ConnectionCache, DatabaseUnavailableError
 from core.models import EVENT_CODE_PATTERN, USER_ID_PATTERN, AttendeeMatches, EventIn
-from core.observability import logger, metrics, tracer
+from core.observability import MetricName, logger, metrics, tracer
 from core.queue.deadline import monotonic_deadline
 from core.settings import get_settings
 
@@ -272,7 +273,7 @@ def get_event(code: Code) -> EventOut:
 @tracer.capture_method
 def put_attendee(code: Code, user_id: UserIdPath, body: AttendeeIn) -> AttendeeOut:
     out = service.put_attendee(_conn(), _principal(), code, user_id, body)
-    metrics.add_metric(name="AttendeesUpserted", unit="Count", value=1)
+    metrics.add_metric(name=MetricName.ATTENDEES_UPSERTED, unit=MetricUnit.Count, value=1)
     return out
 
 

@@ -205,6 +205,25 @@ def test_user_ids_queue_only_those_attendees_at_the_trigger_priority(api, conn, 
     assert len(api.invocations) == 1
 
 
+def test_a_trigger_priority_raises_the_queued_users_and_never_lowers_a_newcomer(
+    api, conn, settings
+):
+    """Given 6 matched attendees and a newcomer queued at 3, when the seed's body names Ada
+    and the newcomer with priority 3 and then both with priority 0, then Ada is queued at
+    3 and the newcomer stays at 3 (an enqueue only raises a pending row's priority)."""
+    seed_event(conn, crowd=4)
+    drain(conn, settings)
+    assert api(request("put_attendee", user_id="u-new", body={"name": "New"})).status == 200
+
+    raised = api(trigger({"eventCode": CODE, "userIds": [ADA, "u-new"], "priority": 3}))
+    lowered = api(trigger({"eventCode": CODE, "userIds": [ADA, "u-new"], "priority": 0}))
+
+    assert raised.status == lowered.status == 202
+    assert queue_of(conn) == sorted(
+        [(ADA, "pending", 3, "trigger"), ("u-new", "pending", 3, "join")]
+    )
+
+
 def test_an_explicit_null_user_list_means_everyone_unmatched(api, conn):
     """Given 3 unmatched attendees, when userIds is null, then all 3 are queued."""
     seed_event(conn, crowd=1)
@@ -438,7 +457,8 @@ TRIGGER_BAD_BODIES = [
     bad({"eventCode": CODE, "userIds": [f"u-{i}" for i in range(1001)]}, "userIds"),
     bad({"eventCode": CODE, "use_queue": False}, "use_queue"),
     bad({"eventCode": CODE, "user_ids": [ADA]}, "user_ids"),
-    bad({"eventCode": CODE, "priority": 1}, "priority"),  # trigger priority is fixed
+    bad({"eventCode": CODE, "priority": 4}, "priority"),
+    bad({"eventCode": CODE, "priority": "1"}, "priority"),
     bad({"eventCode": CODE, "mode": "everyone"}, "mode"),
 ]
 START_BAD_BODIES = [

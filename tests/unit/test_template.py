@@ -982,15 +982,11 @@ def _keyword(call: ast.Call, name: str) -> ast.expr:
 
 def emitted_metric(call: ast.Call) -> tuple[MetricName, str]:
     """The registered metric and the unit (as CloudWatch spells it) of one call. Names are
-    MetricName members; a literal is tolerated only if it is a registered name (the API
-    handler's AttendeesUpserted, until it uses MetricName too)."""
+    MetricName members, never literals."""
     name, unit = _keyword(call, "name"), _keyword(call, "unit")
-    if isinstance(name, ast.Attribute) and isinstance(name.value, ast.Name):
-        assert name.value.id == "MetricName", ast.unparse(call)
-        metric = MetricName[name.attr]
-    else:
-        assert isinstance(name, ast.Constant) and name.value in set(MetricName), ast.unparse(call)
-        metric = MetricName(name.value)
+    assert isinstance(name, ast.Attribute) and isinstance(name.value, ast.Name), ast.unparse(call)
+    assert name.value.id == "MetricName", ast.unparse(call)
+    metric = MetricName[name.attr]
     if isinstance(unit, ast.Attribute) and ast.unparse(unit.value) == "MetricUnit":
         return metric, MetricUnit[unit.attr].value
     assert isinstance(unit, ast.Constant), ast.unparse(call)

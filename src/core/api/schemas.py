@@ -35,10 +35,13 @@ StartMode = Literal["unmatched", "everyone"]
 
 
 class TriggerIn(StrictModel):
-    """The original trigger-matchmaking body: queue by default, legacy synchronous mode."""
+    """The original trigger-matchmaking body: queue by default, legacy synchronous mode.
+    The priority (default 2, as profile edits) only ever raises a queued user's priority:
+    a newcomer already queued at 3 stays at 3."""
 
     useQueue: bool = True  # noqa: N815 - the legacy API's field name
     user_ids: UserIdList | None = None
+    priority: Priority = 2
 
 
 class StartIn(StrictModel):
@@ -53,15 +56,15 @@ class StartIn(StrictModel):
 
 
 class SeedTriggerIn(StrictModel):
-    """POST /trigger-matchmaking: the seed's trigger-matchmaking body. No priority: a
-    trigger queues at the fixed trigger priority, as POST /events/{code}/matchmaking."""
+    """POST /trigger-matchmaking: the seed's trigger-matchmaking body."""
 
     eventCode: EventCode  # noqa: N815 - the seed's field name
     useQueue: bool = True  # noqa: N815 - the seed's field name
     userIds: UserIdList | None = None  # noqa: N815 - the seed's field name
+    priority: Priority = 2
 
     def to_trigger(self) -> TriggerIn:
-        return TriggerIn(useQueue=self.useQueue, user_ids=self.userIds)
+        return TriggerIn(useQueue=self.useQueue, user_ids=self.userIds, priority=self.priority)
 
 
 class SeedStartIn(StrictModel):

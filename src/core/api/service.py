@@ -177,7 +177,7 @@ def trigger(
         event.id,
         user_ids=body.user_ids,
         only_unmatched=body.user_ids is None,
-        priority=2,
+        priority=body.priority,
         reason="trigger",
     )
     if body.useQueue:
