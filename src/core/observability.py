@@ -20,7 +20,14 @@ METRICS_NAMESPACE = "Matchmaker"
 
 logger = Logger(service=SERVICE_NAME, level=get_settings().log_level)
 metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE_NAME)
-tracer = Tracer(service=SERVICE_NAME)
+# Only what the code calls: botocore (SQS, Lambda, Secrets Manager) and, below, psycopg.
+# The default, patch_all, also tries a dozen libraries we never use (sqlite3 among them).
+tracer = Tracer(service=SERVICE_NAME, patch_modules=("botocore",))
+if not tracer.disabled:
+    # SQL subsegments for queries run through conn.cursor(). X-Ray's psycopg patcher wraps
+    # psycopg.connect, then fails on psycopg_pool (not installed): tolerated, as patch_all
+    # always did, so that a deployed function traces exactly what it traced before.
+    tracer.provider.patch(["psycopg"], raise_errors=False)  # type: ignore[call-arg]
 
 
 class Dimension(StrEnum):

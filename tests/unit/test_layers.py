@@ -364,3 +364,36 @@ def test_light_handlers_load_neither_numpy_nor_openai(handler: str) -> None:
 def test_matchmaker_handler_does_not_load_openai() -> None:
     _, openai_loaded = loaded_after_import("handlers.matchmaker")
     assert not openai_loaded
+
+
+def modules_loaded_after_import(module: str, names: list[str]) -> list[str]:
+    """Which of `names` are in sys.modules after importing `module` in a fresh interpreter."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    code = f"import {module}, sys; print(*[n for n in {names!r} if n in sys.modules])"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+BOTO3 = ["boto3", "s3transfer", "aws_lambda_powertools.utilities.parameters"]
+
+
+def test_boto3_probe_sees_what_is_loaded() -> None:
+    assert modules_loaded_after_import("json", BOTO3) == []
+    assert modules_loaded_after_import("boto3", BOTO3) == ["boto3", "s3transfer"]
+
+
+@pytest.mark.parametrize("handler", ["handlers.api", "handlers.migrate", "handlers.redrive"])
+def test_handlers_load_botocore_but_not_boto3(handler: str) -> None:
+    """core.aws uses botocore directly: boto3 would add ~150 ms to a cold start (s3transfer),
+    and so would Powertools Parameters (it imports boto3)."""
+    assert modules_loaded_after_import(handler, ["botocore", *BOTO3]) == ["botocore"]

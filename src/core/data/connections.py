@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from aws_lambda_powertools.utilities import parameters
+from botocore.exceptions import BotoCoreError, ClientError
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from core import aws
 from core.settings import Settings
 
 EMBEDDED_DATABASE = "matchmaker"
@@ -89,7 +90,13 @@ def _url_from_secret(settings: Settings) -> str:
     # RDS-managed secrets hold {"username", "password"}; host, port and database name are
     # not secret and come from the stack. Cached for 5 minutes across warm invocations,
     # so a rotated password is picked up without a cold start.
-    secret = parameters.get_secret(settings.db_secret_arn or "", transform="json", max_age=300)
+    secret_arn = settings.db_secret_arn or ""
+    try:
+        secret = aws.secrets.get_json(secret_arn)
+    except (BotoCoreError, ClientError) as exc:
+        raise DatabaseUnavailableError(f"cannot read the database secret: {exc}") from exc
+    except ValueError as exc:
+        raise DatabaseUnavailableError("the database secret is not JSON") from exc
     if not isinstance(secret, dict) or "username" not in secret or "password" not in secret:
         raise DatabaseUnavailableError("the database secret has no username/password")
     return make_conninfo(
