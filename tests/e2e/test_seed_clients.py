@@ -139,6 +139,6 @@ def test_the_seed_routes_check_tokens_roles_events_and_bodies(server: Server) ->
     snake = call(server, "POST", trigger, server.service, {"eventCode": code, "user_ids": []})
     assert snake.is_error(422, "validation_error"), snake.text
     assert "user_ids" in snake.body["message"]
-    priority = call(server, "POST", trigger, server.service, {"eventCode": code, "priority": 3})
+    priority = call(server, "POST", trigger, server.service, {"eventCode": code, "priority": 4})
     assert priority.is_error(422, "validation_error"), priority.text
     assert "priority" in priority.body["message"]

@@ -1069,7 +1069,8 @@ BAD_INPUT = [
         "trigger-1001-user-ids",
         body={"user_ids": [f"u-{i}" for i in range(1001)]},
     ),
-    bad("trigger_queue", 422, "trigger-unknown-field", body={"useQueue": True, "priority": 3}),
+    bad("trigger_queue", 422, "trigger-unknown-field", body={"useQueue": True, "dryRun": True}),
+    bad("trigger_queue", 422, "trigger-priority-range", body={"useQueue": True, "priority": 4}),
     # admin_start
     bad("admin_start", 422, "start-malformed-json", body='{"mode": "everyone" "priority": 1}'),
     bad("admin_start", 422, "start-unknown-mode", body={"mode": "all"}),
