@@ -30,7 +30,7 @@ from tests.integration.api_support import (
 )
 from tests.integration.test_metrics import emitted
 from tests.integration.test_worker_handlers import FakeContext, load_event
-from tooling.local_runs import import_profiles
+from tooling.local_runs import import_file, import_profiles
 from tooling.synthetic import generate_profiles
 
 pytestmark = pytest.mark.filterwarnings("ignore:No application metrics to publish:UserWarning")
@@ -276,3 +276,26 @@ def test_the_committed_wake_batch_names_its_events_once_each_in_order():
     assert (scheduled.source, scheduled.event_codes) == ("schedule", [])
     triggered = handlers.matchmaker.invocation_of(load_event("matchmaker/trigger.json"))
     assert triggered.event_codes == [CODE]
+
+
+def test_an_import_wakes_the_matchmaker_once_after_it_committed(api, conn, wake_queue, tmp_path):
+    """Given a JSONL file of 5 attendees, when `matchmaker import` imports it with the
+    stack's WAKE_QUEUE_URL, then one wake names the event and the run it starts matches
+    all 5; a file with no valid row sends none."""
+    people = generate_profiles(5, seed=8, id_prefix="imp-")
+    path = tmp_path / "people.jsonl"
+    path.write_text("".join(p.model_dump_json(exclude_none=True) + "\n" for p in people))
+
+    report = import_file(conn, EventIn(code=CODE), path, wake_queue)
+
+    assert report.imported == 5
+    records = received(wake_queue)
+    assert [json.loads(r["body"]) for r in records] == [
+        {"type": "matchmaking.wake", "event_code": CODE, "reason": "import"}
+    ]
+    summary = handlers.matchmaker.lambda_handler({"Records": records}, FakeContext())
+    assert summary["completed"] == 5
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    import_file(conn, EventIn(code=CODE), empty, wake_queue)
+    assert received(wake_queue) == []
