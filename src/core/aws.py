@@ -1,5 +1,5 @@
-"""AWS adapters: the dead-letter queue, async invocation of the matchmaker, queue depth,
-secrets.
+"""AWS adapters: the wake queue, the dead-letter queue, async invocation of the
+matchmaker, queue depth, secrets.
 
 Clients come from botocore directly, not boto3: boto3 adds nothing we use and costs 30 to
 55 ms of cold start (it imports s3transfer and multiprocessing). Clients are created
@@ -16,11 +16,13 @@ from functools import cache
 from typing import Any
 
 import botocore.session
+from aws_lambda_powertools.metrics import MetricUnit
+from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from core.data import repository as repo
 from core.data.repository import Conn, QueueOutcome
-from core.observability import logger
+from core.observability import MetricName, logger, metrics
 
 SQS_BATCH = 10  # SendMessageBatch takes at most 10 entries
 
@@ -42,6 +44,18 @@ def sqs_client() -> Any:
     return session().create_client("sqs")
 
 
+# A wake is sent while the user waits for their answer: it must fail fast, not hang for
+# botocore's 60 s default timeouts, when SQS cannot be reached.
+WAKE_CLIENT_CONFIG = Config(
+    connect_timeout=1, read_timeout=2, retries={"max_attempts": 2, "mode": "standard"}
+)
+
+
+@cache
+def wake_client() -> Any:
+    return session().create_client("sqs", config=WAKE_CLIENT_CONFIG)
+
+
 @cache
 def lambda_client() -> Any:
     return session().create_client("lambda")
@@ -54,7 +68,7 @@ def secrets_client() -> Any:
 
 def reset_clients() -> None:
     """Forget the session, the clients and the cached secrets (tests: a new container)."""
-    for cached in (session, sqs_client, lambda_client, secrets_client):
+    for cached in (session, sqs_client, wake_client, lambda_client, secrets_client):
         cached.cache_clear()
     secrets.clear()
 
@@ -140,6 +154,27 @@ def invoke_matchmaker(
     except (BotoCoreError, ClientError):
         logger.exception("async invoke of the matchmaker failed", extra=payload)
         return False
+    return True
+
+
+WAKE_MESSAGE_TYPE = "matchmaking.wake"
+
+
+def send_wake(queue_url: str | None, event_code: str, reason: str) -> bool:
+    """Tell the matchmaker that `event_code` has queued work (sent after the commit that
+    queued it). Best effort: a wake that cannot be sent never fails the caller's request,
+    since the rows are queued and the next schedule tick serves them; it is logged
+    (event code and reason only, never profile data) and counted."""
+    if not queue_url:
+        return False
+    body = {"type": WAKE_MESSAGE_TYPE, "event_code": event_code, "reason": reason}
+    try:
+        wake_client().send_message(QueueUrl=queue_url, MessageBody=json.dumps(body))
+    except (BotoCoreError, ClientError):
+        logger.exception("wake not sent", extra={"event_code": event_code, "reason": reason})
+        metrics.add_metric(name=MetricName.WAKE_FAILURES, unit=MetricUnit.Count, value=1)
+        return False
+    metrics.add_metric(name=MetricName.WAKES_SENT, unit=MetricUnit.Count, value=1)
     return True
 
 

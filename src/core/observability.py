@@ -61,6 +61,8 @@ class MetricName(StrEnum):
     PROVIDER_FAULTS = "ProviderFaults"
     PROVIDER_FALLBACKS = "ProviderFallbacks"
     ATTENDEES_UPSERTED = "AttendeesUpserted"
+    WAKES_SENT = "WakesSent"
+    WAKE_FAILURES = "WakeFailures"
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,16 @@ METRICS: dict[MetricName, MetricSpec] = {
     ),
     MetricName.ATTENDEES_UPSERTED: MetricSpec(
         MetricUnit.Count, "ApiFunction (handlers/api.py)", "Attendees created or updated."
+    ),
+    MetricName.WAKES_SENT: MetricSpec(
+        MetricUnit.Count,
+        "ApiFunction (handlers/api.py)",
+        "Wake messages sent to the wake queue after a write that queued work.",
+    ),
+    MetricName.WAKE_FAILURES: MetricSpec(
+        MetricUnit.Count,
+        "ApiFunction (handlers/api.py)",
+        "Wakes that could not be sent: the work stays queued for the next schedule tick.",
     ),
 }
 

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     db_name: str = "matchmaker"
     dead_letter_queue_url: str | None = None
     matchmaker_function_name: str | None = None
+    # The API sends the event code here after a write that queued work; the matchmaker
+    # consumes it (an event source mapping) and serves that event first.
+    wake_queue_url: str | None = None
     # The Lambda's own limit minus this is the latest a worker may still be working.
     worker_safety_ms: Annotated[int, Field(ge=0, le=120_000)] = 15_000
     # OpenAI embeddings for events whose embedder is "openai": the key from Secrets Manager

@@ -247,7 +247,18 @@ def _conn() -> psycopg.Connection[Any]:
 
 
 def _invoke(code: str) -> bool:
-    return aws.invoke_matchmaker(get_settings().matchmaker_function_name, code)
+    """An operator's action (trigger, start, resume, settings, redrive): the wake queue
+    when the stack has one, else the async invoke of the matchmaker function."""
+    settings = get_settings()
+    if settings.wake_queue_url:
+        return aws.send_wake(settings.wake_queue_url, code, "operator")
+    return aws.invoke_matchmaker(settings.matchmaker_function_name, code)
+
+
+def _wake(code: str) -> bool:
+    """An attendee's write (join, edit, dismissal, departure): only through the wake queue,
+    which coalesces a burst into a few runs; an async invoke per join would be a storm."""
+    return aws.send_wake(get_settings().wake_queue_url, code, "attendee")
 
 
 def _no_content() -> Response[str]:
@@ -272,14 +283,14 @@ def get_event(code: Code) -> EventOut:
 @app.put("/events/<code>/attendees/<user_id>", responses=answers({200: "upserted"}, 404))
 @tracer.capture_method
 def put_attendee(code: Code, user_id: UserIdPath, body: AttendeeIn) -> AttendeeOut:
-    out = service.put_attendee(_conn(), _principal(), code, user_id, body)
+    out = service.put_attendee(_conn(), _principal(), code, user_id, body, wake=_wake)
     metrics.add_metric(name=MetricName.ATTENDEES_UPSERTED, unit=MetricUnit.Count, value=1)
     return out
 
 
 @app.delete("/events/<code>/attendees/<user_id>", responses=answers({204: "left"}, 404))
 def remove_attendee(code: Code, user_id: UserIdPath) -> Response[str]:
-    service.remove_attendee(_conn(), _principal(), code, user_id)
+    service.remove_attendee(_conn(), _principal(), code, user_id, wake=_wake)
     return _no_content()
 
 
@@ -293,7 +304,7 @@ def get_matches(code: Code, user_id: UserIdPath) -> AttendeeMatches:
     responses=answers({204: "dismissed"}, 400, 404),
 )
 def dismiss(code: Code, user_id: UserIdPath, body: DismissIn) -> Response[str]:
-    service.dismiss(_conn(), _principal(), code, user_id, body)
+    service.dismiss(_conn(), _principal(), code, user_id, body, wake=_wake)
     return _no_content()
 
 

@@ -1,15 +1,18 @@
-"""Matchmaker Lambda: invoked every minute by EventBridge Scheduler and asynchronously by
-the trigger / admin routes. Drains the queue until MAX_RUNTIME_MS or the Lambda's own
+"""Matchmaker Lambda: invoked every minute by EventBridge Scheduler (the safety net), by
+the wake queue's event source mapping (an SQS batch naming the events whose writes queued
+work: those are served first) and asynchronously for fan-out (and by the API when the
+stack has no wake queue). Drains the queue until MAX_RUNTIME_MS or the Lambda's own
 deadline (minus WORKER_SAFETY_MS) nears; users that exhaust their attempts go to the SQS
 dead-letter queue."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from core import aws
 from core.data import repository as repo
@@ -29,8 +32,46 @@ class Invocation(BaseModel):
     """The scheduler's Input, or the payload of an async invoke from the API."""
 
     model_config = ConfigDict(extra="ignore")
-    source: Literal["schedule", "trigger", "admin", "fan-out"] = "schedule"
+    source: Literal["schedule", "trigger", "admin", "fan-out", "wake"] = "schedule"
     event_code: EventCode | None = None
+    # A wake batch names several events (deduplicated, in the order they arrived).
+    event_codes: list[EventCode] = []
+
+
+class WakeMessage(BaseModel):
+    """The body the API sends to the wake queue (core.aws.send_wake)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["matchmaking.wake"] = "matchmaking.wake"
+    event_code: EventCode
+
+
+def invocation_of(event: dict[str, Any]) -> Invocation:
+    """The schedule's or an async invoke's payload, or an SQS batch from the wake queue.
+    A wake that cannot be read is logged and skipped: it only asks for a run, which this
+    one is, so retrying it would add nothing."""
+    records = (event or {}).get("Records")
+    if not isinstance(records, list):
+        invocation = Invocation.model_validate(event or {})
+        if invocation.event_code and not invocation.event_codes:
+            invocation.event_codes = [invocation.event_code]
+        return invocation
+    codes: dict[str, None] = {}
+    for record in records:
+        try:
+            codes[WakeMessage.model_validate_json(record.get("body") or "").event_code] = None
+        except (ValidationError, AttributeError, json.JSONDecodeError):
+            logger.warning(
+                "unreadable wake message skipped",
+                extra={"message_id": record.get("messageId") if isinstance(record, dict) else None},
+            )
+    return Invocation(source="wake", event_codes=list(codes))
+
+
+def event_ids_of(conn: Conn, codes: list[str]) -> list[int]:
+    """The ids of the events that exist, in the given order (a deleted event is skipped)."""
+    events = (repo.fetch_event(conn, code) for code in codes)
+    return [event.id for event in events if event is not None]
 
 
 def _matchmaker_for() -> Matchmaker:
@@ -97,7 +138,7 @@ def add_run_metrics(conn: Conn, report: WorkerReport) -> None:
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    invocation = Invocation.model_validate(event or {})
+    invocation = invocation_of(event)
     settings = get_settings()
     deadline = monotonic_deadline(
         context.get_remaining_time_in_millis(), settings.max_runtime_ms, settings.worker_safety_ms
@@ -112,7 +153,12 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     try:
         helpers = 0 if invocation.source == "fan-out" else fan_out(conn, context.function_name)
         report = run_worker(
-            conn, settings, deadline=deadline, matchmaker=_matchmaker_for(), on_dead=dead_letters
+            conn,
+            settings,
+            deadline=deadline,
+            matchmaker=_matchmaker_for(),
+            on_dead=dead_letters,
+            first_event_ids=event_ids_of(conn, invocation.event_codes),
         )
     except Exception:
         connections.discard()  # a broken connection must not poison the next invocation
@@ -120,6 +166,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     add_run_metrics(conn, report)
     summary = {
         "source": invocation.source,
+        "woken_for": len(invocation.event_codes),
         "fanned_out": helpers,
         "batches": report.batches,
         "completed": report.completed,

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
@@ -29,7 +30,7 @@ from core.queue.worker import Matchmaker, WorkerReport
 from core.settings import Settings, get_settings
 from tooling import dev_tokens as devauth
 from tooling.attendee_files import ImportFormatError, format_validation_error
-from tooling.bench import BenchOptions, run_bench
+from tooling.bench import BenchOptions, machine_description, run_bench
 from tooling.local_runs import (
     default_event,
     describe_leftover,
@@ -119,7 +120,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     event = EventIn(code=args.event, name=args.name or args.event)
     with open_database(settings) as conn:
-        report = import_file(conn, event, Path(args.file))
+        report = import_file(conn, event, Path(args.file), settings.wake_queue_url)
     for error in report.errors:
         print(f"{args.file}: {error}", file=sys.stderr)
     print(
@@ -290,6 +291,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    if args.latency:
+        return cmd_latency(args, settings)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     options = BenchOptions(
         seed=args.seed,
@@ -303,6 +306,42 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     url = resolve_database_url(settings)
     results = run_bench(url, settings, sizes, options, Path(args.json) if args.json else None)
     return EXIT_OK if all(r.verified in (True, None) for r in results) else EXIT_PROBLEM
+
+
+def cmd_latency(args: argparse.Namespace, settings: Settings) -> int:
+    """Join-to-match latency through HTTP against the local stack (tooling.latency)."""
+    from tooling.latency import (  # noqa: PLC0415 - starts the local stack
+        LatencyOptions,
+        format_latency,
+        run_latency_bench,
+    )
+
+    options = LatencyOptions(
+        attendees=args.latency_attendees,
+        steady=args.latency_joins,
+        rate_per_s=args.latency_rate,
+        burst=args.latency_burst,
+        seed=args.seed,
+    )
+    print(
+        f"latency: {options.attendees} attendees, {options.steady} joins at "
+        f"{options.rate_per_s:g}/s, a burst of {options.burst}...",
+        file=sys.stderr,
+        flush=True,
+    )
+    report = run_latency_bench(settings, options)
+    print(format_latency(report))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"machine": machine_description(), "latency": asdict(report)}, indent=2)
+            + "\n",
+            encoding="utf-8",
+        )
+    return (
+        EXIT_OK
+        if all(p.timed_out == 0 for p in report.phases if p.name != "edit")
+        else EXIT_PROBLEM
+    )
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -451,6 +490,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="above this size the peer runs on a sample of users and is extrapolated",
     )
     p.add_argument("--json", help="write the figures to this JSON file")
+    p.add_argument(
+        "--latency",
+        action="store_true",
+        help="only the join-to-match latency through HTTP against the local stack",
+    )
+    p.add_argument("--latency-attendees", type=int, default=10_000, help="event size")
+    p.add_argument("--latency-joins", type=int, default=60, help="newcomers at a steady rate")
+    p.add_argument("--latency-rate", type=float, default=4.0, help="joins per second")
+    p.add_argument("--latency-burst", type=int, default=200, help="newcomers sent at once")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="the HTTP API, schedule and SQS on this machine")

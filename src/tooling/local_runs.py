@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from core import aws
 from core.data import repository as repo
 from core.data.connections import connect, resolve_database_url
 from core.data.migrations import migrate
@@ -219,11 +220,19 @@ def import_profiles(conn: Conn, event: EventIn, profiles: list[Profile]) -> Even
     return record
 
 
-def import_parsed(conn: Conn, event: EventIn, parsed: ParsedImport) -> ImportReport:
+def import_parsed(
+    conn: Conn, event: EventIn, parsed: ParsedImport, wake_queue_url: str | None = None
+) -> ImportReport:
+    """Import the valid rows; when a wake queue is configured (WAKE_QUEUE_URL: the stack's,
+    or `matchmaker serve`'s), wake the matchmaker once the import has committed."""
     # Rows that failed validation never reach this point: a bad row writes nothing.
     record = import_profiles(conn, event, [row.profile for row in parsed.rows])
+    if parsed.rows:
+        aws.send_wake(wake_queue_url, record.code, "import")
     return ImportReport(record, len(parsed.rows), list(parsed.errors))
 
 
-def import_file(conn: Conn, event: EventIn, path: Path) -> ImportReport:
-    return import_parsed(conn, event, parse_import_file(path))
+def import_file(
+    conn: Conn, event: EventIn, path: Path, wake_queue_url: str | None = None
+) -> ImportReport:
+    return import_parsed(conn, event, parse_import_file(path), wake_queue_url)

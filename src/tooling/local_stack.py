@@ -3,8 +3,11 @@
 Each HTTP request becomes the API Gateway HTTP API (payload 2.0) event the real API
 would send to the same handler, with the JWT authorizer's claims taken from a verified
 development token; the matchmaker handler runs every few seconds (the schedule) and at
-once when a trigger asks (the async invoke); SQS is moto's threaded server; PostgreSQL is
-the embedded one unless DATABASE_URL is set. Listens on 127.0.0.1 unless told otherwise.
+once when a write sends a wake: the API workers send it to the wake queue on moto's
+threaded SQS server, and a consumer hands the batch to the handler as Lambda's event source
+mapping does (one run at a time; wakes arriving during a run join the next one).
+PostgreSQL is the embedded one unless DATABASE_URL is set. Listens on 127.0.0.1 unless
+told otherwise.
 
 Requests are served concurrently the way Lambda scales the API: by containers. Each of
 MATCHMAKER_API_WORKERS worker processes (default 8) is one warm API container with its own
@@ -23,8 +26,10 @@ with a 4xx status; each connection carries one request.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -65,6 +70,11 @@ READ_TIMEOUT_S = 5.0  # 408 when a started request sends nothing for this long
 REQUEST_TIMEOUT_S = 20.0  # 408 when the whole request has not arrived by then (slow clients)
 LINGER_S = 2.0  # after the reply, unread input is drained this long so no RST eats the reply
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # these need a Content-Length (else 411)
+# The wake queue's event source mapping (template.yaml: WakeBatchingWindowSeconds,
+# WakeBatchSize): wait this long after a first wake for more, hand over at most this many.
+WAKE_BATCHING_WINDOW_S = 1.0
+WAKE_BATCH_SIZE = 100
+WAKE_POLL_S = 1  # SQS long poll of the consumer
 
 
 @dataclass
@@ -640,16 +650,30 @@ def _header_field(raw: bytes) -> tuple[str, str]:
 
 
 class Scheduler:
-    """Runs the matchmaker handler every `interval_s`, and at once when woken."""
+    """Runs the matchmaker handler every `interval_s`, and at once when woken: by a batch
+    of wake records (handed over as the SQS event Lambda would get) or by a fan-out's
+    async invoke. One run at a time, like a reserved concurrency of 1: whatever arrives
+    during a run is served by the next one, in one invocation."""
 
-    def __init__(self, interval_s: float, run: Callable[[str], None]) -> None:
+    def __init__(self, interval_s: float, run: Callable[[dict[str, Any]], None]) -> None:
         self.interval_s = interval_s
         self.run = run
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._records: list[dict[str, Any]] = []
+        self._done: list[Callable[[], None]] = []
+        self.runs: dict[str, int] = {}  # runs by source, for the latency benchmark
         self.thread = threading.Thread(target=self._loop, name="matchmaker-schedule", daemon=True)
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def wake_with(self, records: list[dict[str, Any]], done: Callable[[], None]) -> None:
+        """Queue SQS records for the next run; `done` runs after it (deletes them)."""
+        with self._lock:
+            self._records.extend(records)
+            self._done.append(done)
         self._wake.set()
 
     def stop(self) -> None:
@@ -660,13 +684,98 @@ class Scheduler:
     def _loop(self) -> None:
         source = "schedule"
         while not self._stop.is_set():
+            with self._lock:
+                records, self._records = self._records, []
+                done, self._done = self._done, []
+            event: dict[str, Any] = {"Records": records} if records else {"source": source}
+            kind = "wake" if records else source
             try:
-                self.run(source)
+                self.run(event)
+                self.runs[kind] = self.runs.get(kind, 0) + 1
+                for finished in done:
+                    finished()
             except Exception:  # keep serving: the next tick retries, like the real schedule
                 logger.exception("scheduled matchmaker run failed")
             woken = self._wake.wait(self.interval_s)
             self._wake.clear()
             source = "trigger" if woken else "schedule"
+
+
+class WakeConsumer:
+    """The wake queue's event source mapping: long-polls the queue, gathers a batch for up
+    to `window_s` after the first message, and hands it to the scheduler, which deletes
+    the messages once its run has succeeded (a failed run leaves them to come back)."""
+
+    def __init__(
+        self,
+        queue_url: str,
+        scheduler: Scheduler,
+        window_s: float = WAKE_BATCHING_WINDOW_S,
+        batch_size: int = WAKE_BATCH_SIZE,
+    ) -> None:
+        self.queue_url = queue_url
+        self.scheduler = scheduler
+        self.window_s = window_s
+        self.batch_size = batch_size
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="matchmaker-wake", daemon=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=WAKE_POLL_S + 5)
+
+    def _receive(self, wait_s: int) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = (
+            aws.sqs_client()
+            .receive_message(
+                QueueUrl=self.queue_url,
+                MaxNumberOfMessages=10,
+                WaitTimeSeconds=wait_s,
+                VisibilityTimeout=120,
+            )
+            .get("Messages", [])
+        )
+        return messages
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = self._receive(WAKE_POLL_S)
+                closes = time.monotonic() + self.window_s
+                while batch and len(batch) < self.batch_size and time.monotonic() < closes:
+                    more = self._receive(0)
+                    if not more:
+                        time.sleep(min(0.05, max(0.0, closes - time.monotonic())))
+                    batch.extend(more)
+            except Exception:
+                if not self._stop.is_set():
+                    logger.exception("wake queue not readable")
+                    time.sleep(1)
+                continue
+            if batch:
+                handles = [m["ReceiptHandle"] for m in batch]
+                self.scheduler.wake_with(
+                    [
+                        {
+                            "messageId": m["MessageId"],
+                            "receiptHandle": m["ReceiptHandle"],
+                            "body": m["Body"],
+                            "eventSource": "aws:sqs",
+                        }
+                        for m in batch
+                    ],
+                    functools.partial(self._delete, handles),
+                )
+
+    def _delete(self, handles: list[str]) -> None:
+        for start in range(0, len(handles), 10):
+            aws.sqs_client().delete_message_batch(
+                QueueUrl=self.queue_url,
+                Entries=[
+                    {"Id": str(i), "ReceiptHandle": handle}
+                    for i, handle in enumerate(handles[start : start + 10])
+                ],
+            )
 
 
 class LocalStack:
@@ -680,7 +789,10 @@ class LocalStack:
         secret_path: Path | None = None,
         api_workers: int | None = None,
         read_timeout_s: float = READ_TIMEOUT_S,
+        wake_window_s: float = WAKE_BATCHING_WINDOW_S,
     ) -> None:
+        self.wake_window_s = wake_window_s
+        self.wake_consumer: WakeConsumer | None = None
         self.settings = settings
         self.read_timeout_s = read_timeout_s
         self.host = host
@@ -728,6 +840,11 @@ class LocalStack:
         )
         self.api.start()
         self.scheduler.thread.start()
+        if settings.wake_queue_url:
+            self.wake_consumer = WakeConsumer(
+                settings.wake_queue_url, self.scheduler, self.wake_window_s
+            )
+            self.wake_consumer.thread.start()
         threading.Thread(
             target=self.http.serve_forever, name="matchmaker-http", daemon=True
         ).start()
@@ -738,6 +855,8 @@ class LocalStack:
             self.http.server_close()  # waits for the requests in flight
         if self.api is not None:
             self.api.stop()
+        if self.wake_consumer is not None:
+            self.wake_consumer.stop()
         if self.scheduler is not None:
             self.scheduler.stop()
         aws.local_invoke = None
@@ -758,6 +877,8 @@ class LocalStack:
         except ImportError:
             logger.warning("moto[server] is not installed: no SQS dead-letter queue locally")
             return
+        # The wake consumer polls every second: moto's request log would drown the output.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.moto.start()
         _, port = self.moto.get_host_and_port()
@@ -773,12 +894,14 @@ class LocalStack:
         aws.sqs_client.cache_clear()
         queue = aws.sqs_client().create_queue(QueueName="matchmaker-dead-letters")
         os.environ["DEAD_LETTER_QUEUE_URL"] = queue["QueueUrl"]
+        wake = aws.sqs_client().create_queue(QueueName="matchmaker-wake")
+        os.environ["WAKE_QUEUE_URL"] = wake["QueueUrl"]
 
-    def _run_matchmaker(self, source: str) -> None:
+    def _run_matchmaker(self, event: dict[str, Any]) -> None:
         import handlers.matchmaker  # noqa: PLC0415
 
         summary = handlers.matchmaker.lambda_handler(
-            {"source": source}, FakeContext("matchmaker-MatchmakerFunction", 60_000)
+            event, FakeContext("matchmaker-MatchmakerFunction", 60_000)
         )
         if summary.get("completed") or summary.get("failed"):
             logger.info("matchmaker", extra=summary)

@@ -495,9 +495,13 @@ def test_matchmaker_function_matches_queued_attendees(run: Any, db_url: str) -> 
     ).answers()
     assert [answer["statusCode"] for answer in setup] == [201, 200, 200, 200, 200]
 
-    scheduled, triggered = run(
+    scheduled, triggered, woken = run(
         "MatchmakerFunction",
-        [event_file("matchmaker/scheduled.json"), event_file("matchmaker/trigger.json")],
+        [
+            event_file("matchmaker/scheduled.json"),
+            event_file("matchmaker/trigger.json"),
+            event_file("matchmaker/wake_batch.json"),
+        ],
     ).answers()
 
     assert scheduled["source"] == "schedule"
@@ -505,6 +509,8 @@ def test_matchmaker_function_matches_queued_attendees(run: Any, db_url: str) -> 
     assert (scheduled["failed"], scheduled["dead"]) == (0, 0)
     assert triggered["source"] == "trigger"
     assert triggered["completed"] == 0  # nothing left in the queue
+    # the wake queue's SQS batch: two events named (one of them twice), nothing left to do
+    assert (woken["source"], woken["woken_for"], woken["completed"]) == ("wake", 2, 0)
     with psycopg.connect(db_url) as conn:
         matched = conn.execute(
             "SELECT count(*) FROM user_matches m JOIN profiles p ON p.id = m.profile_id"

@@ -562,11 +562,94 @@ def test_redrive_queue_and_consumer(template: dict[str, Any]) -> None:
     assert redrive["RedrivePolicy"]["deadLetterTargetArn"] == {
         "Fn::GetAtt": ["DeadLetterQueue", "Arn"]
     }
-    sources = list(sqs_event_sources(template))
+    sources = [s for s in sqs_event_sources(template) if s[0] == "RedriveFunction"]
     assert [(fn, queue) for fn, queue, _ in sources] == [("RedriveFunction", "RedriveQueue")]
     props = sources[0][2]
     assert "ReportBatchItemFailures" in props["FunctionResponseTypes"]
     assert props["BatchSize"] == 10
+
+
+def test_the_sqs_event_sources_are_exactly_the_redrive_and_the_wake_queue(
+    template: dict[str, Any],
+) -> None:
+    assert sorted((fn, queue) for fn, queue, _ in sqs_event_sources(template)) == [
+        ("MatchmakerFunction", "WakeQueue"),
+        ("RedriveFunction", "RedriveQueue"),
+    ]
+
+
+# --- the wake queue (issue 14) -----------------------------------------------------------
+
+
+def test_the_wake_queue_is_encrypted_short_lived_and_has_its_own_dead_letter_queue(
+    template: dict[str, Any],
+) -> None:
+    queues = resources(template, "AWS::SQS::Queue")
+    wake = queues["WakeQueue"]["Properties"]
+    assert wake["SqsManagedSseEnabled"] is True
+    assert wake["RedrivePolicy"]["deadLetterTargetArn"] == {
+        "Fn::GetAtt": ["WakeDeadLetterQueue", "Arn"]
+    }
+    assert 1 <= wake["RedrivePolicy"]["maxReceiveCount"] <= 10
+    # a wake outlives the schedule's minute by far, but not a day: old wakes are moot
+    assert 60 < wake["MessageRetentionPeriod"] <= 24 * 3600
+    dlq = queues["WakeDeadLetterQueue"]["Properties"]
+    assert dlq["SqsManagedSseEnabled"] is True
+    assert "RedrivePolicy" not in dlq
+    assert dlq["MessageRetentionPeriod"] > wake["MessageRetentionPeriod"]
+
+
+def test_the_matchmaker_consumes_wakes_in_batches_within_its_reserved_concurrency(
+    template: dict[str, Any],
+) -> None:
+    [props] = [p for fn, queue, p in sqs_event_sources(template) if queue == "WakeQueue"]
+    params = template["Parameters"]
+    # a burst becomes few invocations: many wakes per batch, gathered for a short window
+    assert props["BatchSize"] >= 10
+    window = props["MaximumBatchingWindowInSeconds"]
+    assert 1 <= window <= 2  # > 10 per batch needs a window; more than 2 s is not "at once"
+    # SQS's minimum MaximumConcurrency is 2; never more than the reserved concurrency allows
+    concurrency = props["ScalingConfig"]["MaximumConcurrency"]
+    assert 2 <= concurrency <= params["MatchmakerReservedConcurrency"]["MinValue"]
+    assert concurrency <= params["MatchmakerReservedConcurrency"]["Default"]
+    # the handler serves or fails the whole batch: no partial batch responses
+    assert "ReportBatchItemFailures" not in props.get("FunctionResponseTypes", [])
+    # the schedule stays as the safety net
+    events = functions(template)["MatchmakerFunction"]["Properties"]["Events"]
+    assert sorted(e["Type"] for e in events.values()) == ["SQS", "ScheduleV2"]
+
+
+def test_only_the_api_sends_wakes_and_only_the_matchmaker_receives_them(
+    template: dict[str, Any],
+) -> None:
+    wake = {"Fn::GetAtt": ["WakeQueue", "Arn"]}
+    consume = ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes")
+    for name in functions(template):
+        statements = _role_statements(template, name)
+        sends = [r for r in _grants(statements, "sqs:SendMessage") if r == wake]
+        assert sends == ([wake] if name == "ApiFunction" else []), name
+        for action in consume:
+            receives = [r for r in _grants(statements, action) if r == wake]
+            assert receives == ([wake] if name == "MatchmakerFunction" else []), (name, action)
+    matchmaker = _role_statements(template, "MatchmakerFunction")
+    wake_actions = {a for s in matchmaker if s["Resource"] == wake for a in as_list(s["Action"])}
+    assert wake_actions == set(consume)
+    assert environment(template, "ApiFunction")["WAKE_QUEUE_URL"] == {"Ref": "WakeQueue"}
+
+
+def test_alarms_on_the_wake_queue(template: dict[str, Any]) -> None:
+    alarms = [a["Properties"] for a in resources(template, "AWS::CloudWatch::Alarm").values()]
+
+    def on(queue: str, metric: str) -> list[dict[str, Any]]:
+        dimension = {"Name": "QueueName", "Value": {"Fn::GetAtt": [queue, "QueueName"]}}
+        return [a for a in alarms if a["MetricName"] == metric and dimension in a["Dimensions"]]
+
+    [dead] = on("WakeDeadLetterQueue", "ApproximateNumberOfMessagesVisible")
+    assert (dead["Threshold"], dead["ComparisonOperator"]) == (0, "GreaterThanThreshold")
+    [age] = on("WakeQueue", "ApproximateAgeOfOldestMessage")
+    assert age["Namespace"] == "AWS/SQS"
+    assert age["ComparisonOperator"] == "GreaterThanThreshold"
+    assert age["Threshold"] <= 60  # the schedule's interval: older means nobody consumes
 
 
 # --- HTTP API ----------------------------------------------------------------------------
@@ -654,7 +737,9 @@ def test_http_api_throttling_and_access_logs(template: dict[str, Any]) -> None:
 
 def test_api_environment(template: dict[str, Any]) -> None:
     env = environment(template, "ApiFunction")
-    assert env["MATCHMAKER_FUNCTION_NAME"] == {"Ref": "MatchmakerFunction"}
+    # one mechanism: every write wakes the matchmaker through the wake queue, no invoke
+    assert env["WAKE_QUEUE_URL"] == {"Ref": "WakeQueue"}
+    assert "MATCHMAKER_FUNCTION_NAME" not in env
     assert env["DEAD_LETTER_QUEUE_URL"] == {"Ref": "DeadLetterQueue"}
     assert "REDRIVE_QUEUE_URL" not in env  # redrive works on the database rows
     assert env["SYNC_MATCH_MAX_ATTENDEES"] == {"Ref": "SyncMatchMaxAttendees"}
@@ -740,10 +825,11 @@ def test_least_privilege_per_function(template: dict[str, Any]) -> None:
     assert not _grants(matchmaker, "lambda:InvokeFunction")
 
     api = _role_statements(template, "ApiFunction")
-    assert _grants(api, "lambda:InvokeFunction") == [arn("MatchmakerFunction")]
+    assert not _grants(api, "lambda:InvokeFunction")  # it wakes through the wake queue
+    assert _grants(api, "sqs:SendMessage") == [arn("WakeQueue")]
     # the API only reads the dead-letter queue's depth; redrive works on database rows
     assert _grants(api, "sqs:GetQueueAttributes") == [arn("DeadLetterQueue")]
-    for action in ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:SendMessage"):
+    for action in ("sqs:ReceiveMessage", "sqs:DeleteMessage"):
         assert not _grants(api, action), action
 
     redrive = _role_statements(template, "RedriveFunction")

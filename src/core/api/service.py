@@ -50,7 +50,13 @@ if TYPE_CHECKING:
 
 SYNC_POLL_S = 0.1
 
-Invoker = Callable[[str], bool]  # async-invoke the matchmaker for an event; True if sent
+Invoker = Callable[[str], bool]  # start the matchmaker for an event now; True if asked
+
+
+def no_wake(code: str) -> bool:
+    """The Invoker of callers that leave queued work to the schedule."""
+    return False
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -107,23 +113,37 @@ def get_event(conn: Conn, principal: Principal, code: str) -> EventOut:
 
 @retried
 def put_attendee(
-    conn: Conn, principal: Principal, code: str, user_id: str, body: AttendeeIn
+    conn: Conn,
+    principal: Principal,
+    code: str,
+    user_id: str,
+    body: AttendeeIn,
+    *,
+    wake: Invoker = no_wake,
 ) -> AttendeeOut:
+    """Join or update; a join (and an edit that changed anything) queued work, so the
+    matchmaker is woken once the transaction has committed."""
     principal.require_service()
     profile = body.to_profile(user_id)
     with conn.transaction():
         event = _event(conn, code)
         outcome = repo.upsert_attendee(conn, event.id, profile)
+    if outcome != "unchanged":
+        wake(code)
     return AttendeeOut(event=code, user_id=user_id, status=outcome)
 
 
 @retried
-def remove_attendee(conn: Conn, principal: Principal, code: str, user_id: str) -> None:
+def remove_attendee(
+    conn: Conn, principal: Principal, code: str, user_id: str, *, wake: Invoker = no_wake
+) -> None:
+    """Leave the event: the people whose lists held the leaver are queued (and woken for)."""
     principal.require_service()
     with conn.transaction():
         event = _event(conn, code)
         if not repo.leave_event(conn, event.id, user_id):
             raise NotFoundError(f"{user_id!r} is not an active attendee of {code!r}")
+    wake(code)
 
 
 def get_matches(conn: Conn, principal: Principal, code: str, user_id: str) -> AttendeeMatches:
@@ -136,7 +156,15 @@ def get_matches(conn: Conn, principal: Principal, code: str, user_id: str) -> At
 
 
 @retried
-def dismiss(conn: Conn, principal: Principal, code: str, user_id: str, body: DismissIn) -> None:
+def dismiss(
+    conn: Conn,
+    principal: Principal,
+    code: str,
+    user_id: str,
+    body: DismissIn,
+    *,
+    wake: Invoker = no_wake,
+) -> None:
     principal.require_self_or_service(user_id)
     if body.dismissed_user_id == user_id:
         raise DomainError("an attendee cannot dismiss themselves")
@@ -144,7 +172,9 @@ def dismiss(conn: Conn, principal: Principal, code: str, user_id: str, body: Dis
         event = _event(conn, code)
         if not repo.both_attend(conn, event.id, user_id, body.dismissed_user_id):
             raise NotFoundError("both users must be attendees of the event")
-        repo.dismiss(conn, event.id, user_id, body.dismissed_user_id)
+        dismissed = repo.dismiss(conn, event.id, user_id, body.dismissed_user_id)
+    if dismissed:  # a new dismissal queued the pair (a repeated one changes nothing)
+        wake(code)
 
 
 @retried

@@ -11,7 +11,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -180,9 +180,12 @@ class Matchmaker:
         event_id: int | None = None,
         on_batch: Callable[[BatchResult], None] | None = None,
         on_dead: Callable[[list[QueueOutcome]], None] | None = None,
+        first_event_ids: Sequence[int] = (),
     ) -> WorkerReport:
         """Process batches until the queue is drained or `deadline` (time.monotonic()) nears.
 
+        The events of `first_event_ids` (those that woke this run) are served first, in
+        that order, each until it has nothing claimable; then every event in turn.
         Dead rows (attempts exhausted, by failure or lease expiry) are handed to on_dead,
         which sends them to the dead-letter queue in AWS.
         """
@@ -207,12 +210,20 @@ class Matchmaker:
             on_dead(newly_dead)
         slowest = 0.0  # of regular batches; bulk batches are sized to the time left
         size = batch_size or self.settings.batch_size
+        # A run restricted to one event has nothing else to put first.
+        first = list(dict.fromkeys(first_event_ids)) if event_id is None else []
         while True:
             remaining = deadline - time.monotonic()
             if remaining < max(MIN_HEADROOM_S, HEADROOM_FACTOR * slowest):
                 report.stopped = "deadline"
                 break
-            claimed = repo.claim(conn, size, self.settings.lease_seconds, event_id)
+            claimed: list[ClaimedRow] = []
+            while first and not claimed:
+                claimed = repo.claim(conn, size, self.settings.lease_seconds, first[0])
+                if not claimed:
+                    first.pop(0)
+            if not claimed:
+                claimed = repo.claim(conn, size, self.settings.lease_seconds, event_id)
             if not claimed:
                 break
             if len(claimed) == size:
@@ -542,11 +553,18 @@ def run_worker(
     event_id: int | None = None,
     matchmaker: Matchmaker | None = None,
     on_dead: Callable[[list[QueueOutcome]], None] | None = None,
+    first_event_ids: Sequence[int] = (),
 ) -> WorkerReport:
-    """Recover expired leases, then claim and process batches until the queue is drained
-    or `deadline` (a time.monotonic() value) nears. Pass a long-lived `matchmaker` to keep
-    event state between invocations (a warm Lambda container)."""
+    """Recover expired leases, then claim and process batches (the events of
+    `first_event_ids` first) until the queue is drained or `deadline` (a time.monotonic()
+    value) nears. Pass a long-lived `matchmaker` to keep event state between invocations
+    (a warm Lambda container)."""
     worker = matchmaker or Matchmaker(settings)
     return worker.run(
-        conn, deadline=deadline, batch_size=batch_size, event_id=event_id, on_dead=on_dead
+        conn,
+        deadline=deadline,
+        batch_size=batch_size,
+        event_id=event_id,
+        on_dead=on_dead,
+        first_event_ids=first_event_ids,
     )
