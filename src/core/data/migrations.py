@@ -17,6 +17,8 @@ from core.observability import logger
 from core.settings import get_settings
 
 MIGRATION_LOCK_KEY = 0x4D4D_4D49_4752  # "MMMIGR": distinct from the per-event lock keys
+# Owns the schema; migrations run as it once it exists (db/migrations/0010_roles.sql).
+OWNER_ROLE = "matchmaker_owner"
 _FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 LEDGER_DDL = """
@@ -27,6 +29,18 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 )
 """
+
+
+def _can_act_as_owner(conn: psycopg.Connection[Any]) -> bool:
+    """Migration 0010 ran in this database (the owner role owns the ledger; roles are per
+    server, so the role alone proves nothing) and this session may switch to it."""
+    row = conn.execute(
+        "SELECT pg_has_role(session_user, r.oid, 'MEMBER') FROM pg_roles r"
+        " JOIN pg_class c ON c.relowner = r.oid"
+        " WHERE r.rolname = %s AND c.oid = to_regclass('public.schema_migrations')",
+        (OWNER_ROLE,),
+    ).fetchone()
+    return bool(row and row[0])
 
 
 class MigrationError(RuntimeError):
@@ -99,6 +113,9 @@ def migrate(conn: psycopg.Connection[Any], directory: Path | None = None) -> Mig
                 continue
             try:
                 with conn.transaction():
+                    if _can_act_as_owner(conn):
+                        # objects a migration creates belong to the owner role (0010)
+                        conn.execute(f"SET LOCAL ROLE {OWNER_ROLE}")
                     conn.execute(migration.sql.encode())
                     conn.execute(
                         "INSERT INTO schema_migrations (version, name, checksum) "
