@@ -56,6 +56,10 @@ class Settings(BaseSettings):
 
     # AWS: the database credentials come from Secrets Manager, never from a plain variable.
     db_secret_arn: str | None = None
+    # Migrate function only: the secrets of the API's and the worker's login users, which
+    # it creates or updates (with DB_SECRET_ARN being the master secret).
+    db_api_secret_arn: str | None = None
+    db_worker_secret_arn: str | None = None
     db_host: str | None = None
     db_port: Annotated[int, Field(ge=1, le=65535)] = 5432
     db_name: str = "matchmaker"
@@ -114,6 +118,8 @@ class Settings(BaseSettings):
         "database_url",
         "db_secret_arn",
         "openai_secret_arn",
+        "db_api_secret_arn",
+        "db_worker_secret_arn",
         "db_sslmode",
         "db_sslrootcert",
         mode="before",

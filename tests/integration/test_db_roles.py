@@ -9,20 +9,37 @@ statements per role.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
+import boto3
 import psycopg
 import pytest
+from moto import mock_aws
 
+import core.aws
+import core.settings
+import handlers.migrate
 from core.data.connections import connect
+from core.data.migrations import (
+    SCRAM_ITERATIONS,
+    MigrationError,
+    default_migrations_dir,
+    discover,
+    ensure_login_user,
+    scram_verifier,
+)
 from core.queue.worker import Matchmaker, default_embedder
 from core.settings import Settings
 from tests.helpers import add_attendees, queue_rows
+from tests.integration.api_support import AWS_ENV
 from tooling.oracle import verify_event
 from tooling.synthetic import generate_profiles
 
@@ -220,3 +237,92 @@ def test_the_worker_drains_an_event_as_matchmaker_worker(
         worker.run(worker_conn, deadline=time.monotonic() + 120)
         assert queue_rows(conn, event.id) == []
         assert verify_event(conn, event, default_embedder(event).key).mismatches == []
+
+
+# --- the functions' login users (created by the migrate function) ------------------------
+
+
+def _verifier_matches(verifier: str, password: str) -> bool:
+    """Recompute the stored SCRAM-SHA-256 verifier from the password and its salt."""
+    _, rest = verifier.split("$", 1)
+    iterations_salt, _keys = rest.split("$", 1)
+    iterations, salt = iterations_salt.split(":")
+    assert int(iterations) == SCRAM_ITERATIONS
+    return scram_verifier(password, base64.b64decode(salt)) == verifier
+
+
+def test_a_login_user_gets_its_group_its_password_as_scram_and_nothing_else(
+    owner_db_url: str,
+) -> None:
+    login = f"mm_login_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(owner_db_url, autocommit=True) as conn:
+        try:
+            ensure_login_user(conn, login, "first-password", "matchmaker_worker")
+            conn.execute(f'GRANT matchmaker_owner TO "{login}"')  # a stray membership
+            ensure_login_user(conn, login, "rotated-password", "matchmaker_api")
+            row = conn.execute(
+                "SELECT rolcanlogin, rolsuper, rolcreaterole, rolcreatedb, rolpassword"
+                " FROM pg_authid WHERE rolname = %s",
+                (login,),
+            ).fetchone()
+            assert row is not None
+            assert row[:4] == (True, False, False, False)
+            assert row[4].startswith("SCRAM-SHA-256$")
+            assert _verifier_matches(row[4], "rotated-password")
+            assert not _verifier_matches(row[4], "first-password")
+            groups = conn.execute(
+                "SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid"
+                " WHERE m.member = (SELECT oid FROM pg_roles WHERE rolname = %s)",
+                (login,),
+            ).fetchall()
+            assert groups == [("matchmaker_api",)]
+            with pytest.raises(MigrationError, match="not one of the login groups"):
+                ensure_login_user(conn, login, "x", "matchmaker_owner")
+            with pytest.raises(MigrationError, match="not a valid login user name"):
+                ensure_login_user(conn, 'x"; DROP ROLE y; --', "x", "matchmaker_api")
+        finally:
+            conn.execute(f'DROP ROLE IF EXISTS "{login}"')
+
+
+def test_the_migrate_function_creates_the_login_users_from_their_secrets(
+    empty_db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the API's and the worker's secrets configured, a deploy's migration run leaves
+    both login users in their groups, able to do their work and nothing more."""
+    suffix = uuid.uuid4().hex[:8]
+    users = {"matchmaker_api": f"mm_api_{suffix}", "matchmaker_worker": f"mm_worker_{suffix}"}
+    monkeypatch.setenv("DATABASE_URL", empty_db_url)
+    monkeypatch.delenv("DB_SECRET_ARN", raising=False)
+    for name, value in AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    try:
+        with mock_aws():
+            client = boto3.client("secretsmanager")
+            for group, user in users.items():
+                arn = client.create_secret(
+                    Name=f"matchmaker/{group}",
+                    SecretString=json.dumps({"username": user, "password": f"pw-{user}"}),
+                )["ARN"]
+                env = "DB_API_SECRET_ARN" if group == "matchmaker_api" else "DB_WORKER_SECRET_ARN"
+                monkeypatch.setenv(env, arn)
+            core.settings.get_settings.cache_clear()
+            core.aws.secrets.clear()
+            data = handlers.migrate.apply_migrations()
+        assert data["Applied"] == len(discover(default_migrations_dir()))
+        with psycopg.connect(empty_db_url, autocommit=True) as conn:
+            for group, user in users.items():
+                assert conn.execute(
+                    "SELECT pg_has_role(%s, %s, 'USAGE'), pg_has_role(%s, 'matchmaker_owner',"
+                    " 'MEMBER')",
+                    (user, group, user),
+                ).fetchone() == (True, False)
+            assert conn.execute(
+                "SELECT has_table_privilege(%s, 'schema_migrations', 'DELETE')",
+                (users["matchmaker_api"],),
+            ).fetchone() == (False,)
+    finally:
+        core.settings.get_settings.cache_clear()
+        core.aws.secrets.clear()
+        with psycopg.connect(empty_db_url, autocommit=True) as conn:
+            for user in users.values():
+                conn.execute(f'DROP ROLE IF EXISTS "{user}"')
