@@ -107,7 +107,8 @@ BEGIN
                              'mm_profiles_before_update', 'mm_profiles_after_update',
                              'mm_attendees_after_insert', 'mm_attendees_before_update',
                              'mm_attendees_after_update', 'mm_attendees_before_delete',
-                             'mm_dismissals_after_insert', 'mm_events_after_update')
+                             'mm_dismissals_after_insert', 'mm_events_after_update',
+                             'mm_defer')
     LOOP
         EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER SET search_path = public, pg_temp',
                        fn);
@@ -135,3 +136,18 @@ GRANT EXECUTE ON FUNCTION mm_event_lock_key(bigint), mm_enqueue(bigint, bigint[]
 -- The API on top of that: the event data it owns, pausing and resuming jobs.
 GRANT INSERT, UPDATE ON events, profiles, attendees TO matchmaker_api;
 GRANT INSERT ON dismissals TO matchmaker_api;
+
+-- Migration 0009 (the embeddings provider's breaker) predates the roles: its table and
+-- function get their grants here when present. A migration after this one grants its own.
+DO $$
+BEGIN
+    IF to_regclass('public.provider_breaker') IS NOT NULL THEN
+        GRANT SELECT, INSERT, UPDATE ON provider_breaker TO matchmaker_worker;
+    END IF;
+    IF to_regprocedure('public.mm_defer(bigint[], text[], uuid, double precision)') IS NOT NULL
+    THEN
+        GRANT EXECUTE ON FUNCTION mm_defer(bigint[], text[], uuid, double precision)
+            TO matchmaker_worker;
+    END IF;
+END
+$$;
