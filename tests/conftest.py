@@ -28,6 +28,21 @@ from core.settings import Settings
 
 TEMPLATE_DB = f"mm_template_{os.getpid()}"
 
+# Login users of the tests, one per group role of db/migrations/0010_roles.sql, as the
+# deployed functions have (roles are per server: created once, reused by every database).
+ROLE_LOGINS = {
+    "matchmaker_api": "mm_test_api_login",
+    "matchmaker_worker": "mm_test_worker_login",
+}
+# Modules whose tests run twice: the second time the code under test (everything that
+# connects through db_url or settings) logs in as a restricted role, while the test's own
+# `conn` (setup, checks) stays the migrating user. The worker's own drain as
+# matchmaker_worker is in tests/integration/test_db_roles.py.
+RUN_AS_ROLE = {
+    "test_api_handler": "matchmaker_api",
+    "test_worker_handlers": "matchmaker_worker",
+}
+
 
 def database_uri(server_uri: str, database: str) -> str:
     params = conninfo_to_dict(server_uri)
@@ -74,9 +89,49 @@ def template_db(pg_server_uri: str) -> Iterator[str]:
         )
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    role = RUN_AS_ROLE.get(metafunc.module.__name__.rpartition(".")[2])
+    if role is not None and "db_url" in metafunc.fixturenames:
+        metafunc.parametrize("db_url", [None, role], indirect=True, ids=["owner", role])
+
+
+@pytest.fixture(scope="session")
+def role_passwords(pg_server_uri: str, template_db: str) -> dict[str, str]:
+    """Creates (or resets) the tests' login users; returns role -> password. The group
+    roles exist once the template database is migrated."""
+    passwords = {role: uuid.uuid4().hex for role in ROLE_LOGINS}
+    with psycopg.connect(pg_server_uri, autocommit=True) as admin:
+        for role, login in ROLE_LOGINS.items():
+            exists = admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (login,))
+            verb = "ALTER" if exists.fetchone() else "CREATE"
+            admin.execute(
+                sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(login), sql.Literal(passwords[role])
+                )
+            )
+            admin.execute(
+                sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(login))
+            )
+    return passwords
+
+
+def login_uri(uri: str, role: str, passwords: dict[str, str]) -> str:
+    """uri, logged in as the tests' login user of the group role `role`."""
+    params = conninfo_to_dict(uri)
+    params["user"] = ROLE_LOGINS[role]
+    params["password"] = passwords[role]
+    return make_conninfo("", **params)
+
+
 @pytest.fixture
-def db_url(pg_server_uri: str, template_db: str) -> Iterator[str]:
-    """A fresh, migrated database for this test."""
+def role_url(owner_db_url: str, role_passwords: dict[str, str]) -> Any:
+    """role_url("matchmaker_worker") -> this test's database as that role's login user."""
+    return lambda role: login_uri(owner_db_url, role, role_passwords)
+
+
+@pytest.fixture
+def owner_db_url(pg_server_uri: str, template_db: str) -> Iterator[str]:
+    """A fresh, migrated database for this test, as the migrating (super)user."""
     name = f"mm_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_server_uri, autocommit=True) as admin:
         admin.execute(
@@ -89,6 +144,17 @@ def db_url(pg_server_uri: str, template_db: str) -> Iterator[str]:
         admin.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
+
+
+@pytest.fixture
+def db_url(request: pytest.FixtureRequest, owner_db_url: str) -> str:
+    """A fresh, migrated database for this test: as the migrating user, or (modules in
+    RUN_AS_ROLE, second run) as the login user of a restricted role."""
+    role = getattr(request, "param", None)
+    if role is None:
+        return owner_db_url
+    passwords: dict[str, str] = request.getfixturevalue("role_passwords")
+    return login_uri(owner_db_url, role, passwords)
 
 
 @pytest.fixture
@@ -105,8 +171,10 @@ def settings(db_url: str) -> Settings:
 
 
 @pytest.fixture
-def conn(db_url: str, settings: Settings) -> Iterator[Conn]:
-    connection = connect(db_url, settings, application_name="matchmaker-tests")
+def conn(owner_db_url: str, settings: Settings) -> Iterator[Conn]:
+    """The test's own connection (setup and checks), as the migrating user even when the
+    code under test logs in as a restricted role (db_url)."""
+    connection = connect(owner_db_url, settings, application_name="matchmaker-tests")
     yield connection
     connection.close()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -56,9 +56,22 @@ class Settings(BaseSettings):
 
     # AWS: the database credentials come from Secrets Manager, never from a plain variable.
     db_secret_arn: str | None = None
+    # Migrate function only: the secrets of the API's and the worker's login users, which
+    # it creates or updates (with DB_SECRET_ARN being the master secret).
+    db_api_secret_arn: str | None = None
+    db_worker_secret_arn: str | None = None
     db_host: str | None = None
     db_port: Annotated[int, Field(ge=1, le=65535)] = 5432
     db_name: str = "matchmaker"
+    # TLS to the database. Unset: verify-full (certificate chain and host name) for a
+    # connection made from DB_SECRET_ARN, libpq's default for DATABASE_URL; a deployed
+    # function refuses disable/allow/prefer. Unix sockets never use TLS.
+    db_sslmode: (
+        Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None
+    ) = None
+    # The CA certificates that verify the server: unset, the Amazon root CAs shipped with
+    # the code (RDS Proxy); a DB instance reached directly needs the RDS CA bundle here.
+    db_sslrootcert: Path | None = None
     dead_letter_queue_url: str | None = None
     matchmaker_function_name: str | None = None
     # The API sends the event code here after a write that queued work; the matchmaker
@@ -104,7 +117,16 @@ class Settings(BaseSettings):
         """Running in a Lambda on AWS (not under sam local invoke)."""
         return bool(self.aws_lambda_function_name) and not self.aws_sam_local
 
-    @field_validator("database_url", "db_secret_arn", "openai_secret_arn", mode="before")
+    @field_validator(
+        "database_url",
+        "db_secret_arn",
+        "openai_secret_arn",
+        "db_api_secret_arn",
+        "db_worker_secret_arn",
+        "db_sslmode",
+        "db_sslrootcert",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # The template declares these as "" so that `sam local invoke --env-vars` may set

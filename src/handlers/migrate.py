@@ -1,6 +1,8 @@
 """CloudFormation custom resource: apply db/migrations on every deploy.
 
-Create and Update run the migration runner (the same one the CLI and the tests use);
+Create and Update run the migration runner (the same one the CLI and the tests use), then
+create or update the API's and the worker's login users from their secrets (this function
+alone reads the master secret);
 Delete is a no-op (the database outlives the stack's custom resource). A failed
 migration answers FAILED with the error, which fails the deploy. A watchdog answers
 FAILED shortly before the function's own timeout, so a stuck migration fails the deploy
@@ -20,8 +22,9 @@ from typing import Any, Literal
 from aws_lambda_powertools.utilities.data_classes import CloudFormationCustomResourceEvent
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from core import aws
 from core.data.connections import connect, resolve_database_url
-from core.data.migrations import migrate
+from core.data.migrations import ensure_login_user, migrate
 from core.observability import logger
 from core.settings import get_settings
 
@@ -83,8 +86,17 @@ def _put(url: str, answer: dict[str, Any]) -> None:
 
 def apply_migrations() -> dict[str, Any]:
     settings = get_settings()
+    logins = {
+        "matchmaker_api": settings.db_api_secret_arn,
+        "matchmaker_worker": settings.db_worker_secret_arn,
+    }
     with connect(resolve_database_url(settings), settings, "matchmaker-migrate") as conn:
         report = migrate(conn)
+        # the functions' own login users, from their secrets (a rotation converges here)
+        for group, secret_arn in logins.items():
+            if secret_arn:
+                secret = aws.secrets.get_json(secret_arn)
+                ensure_login_user(conn, str(secret["username"]), str(secret["password"]), group)
     if report.drift:
         logger.warning("applied migrations were edited since", extra={"drift": report.drift})
     return {"Applied": len(report.applied), "Drift": ",".join(report.drift)}

@@ -798,21 +798,160 @@ DB_SECRET = {
 }
 
 
+# Each function logs in to PostgreSQL as its own user (db/migrations/0010_roles.sql).
+DB_LOGIN_SECRET = {
+    "ApiFunction": {"Ref": "ApiDbSecret"},
+    "MatchmakerFunction": {"Ref": "WorkerDbSecret"},
+    "RedriveFunction": {"Ref": "WorkerDbSecret"},
+    "MigrateFunction": DB_SECRET,  # the master secret: migrations and the login users
+}
+
+
 def test_each_function_reads_only_the_secrets_it_needs(template: dict[str, Any]) -> None:
     variables = globals_function(template)["Environment"]["Variables"]
-    assert variables["DB_SECRET_ARN"] == DB_SECRET
+    assert "DB_SECRET_ARN" not in variables  # set per function, never shared
     assert variables["OPENAI_SECRET_ARN"] == {"Ref": "OpenAiSecretArn"}
+    assert set(DB_LOGIN_SECRET) == set(functions(template))
     # Only the functions that embed (the worker, and the API's synchronous trigger) may
-    # read the OpenAI key; every function reads the database secret.
+    # read the OpenAI key; each function reads its own database secret, and the migrate
+    # function the login users' secrets too (it sets their passwords).
     embedding = {"MatchmakerFunction", "ApiFunction"}
+    logins = [{"Ref": "ApiDbSecret"}, {"Ref": "WorkerDbSecret"}]
     for name in functions(template):
         statements = _role_statements(template, name)
-        expected = [DB_SECRET, {"Ref": "OpenAiSecretArn"}] if name in embedding else [DB_SECRET]
-        granted = _grants(statements, "secretsmanager:GetSecretValue")
+        expected = [DB_LOGIN_SECRET[name]]
+        expected += [{"Ref": "OpenAiSecretArn"}] if name in embedding else []
+        expected += logins if name == "MigrateFunction" else []
+        granted = [
+            resource
+            for grant in _grants(statements, "secretsmanager:GetSecretValue")
+            for resource in as_list(grant)
+        ]
         assert sorted(map(str, granted)) == sorted(map(str, expected)), name
         env = environment(template, name)
-        for key in ("DB_SECRET_ARN", "DB_HOST", "DB_PORT", "DB_NAME"):
+        assert env["DB_SECRET_ARN"] == DB_LOGIN_SECRET[name], name
+        for key in ("DB_HOST", "DB_PORT", "DB_NAME"):
             assert key in env, (name, key)
+    migrate_env = environment(template, "MigrateFunction")
+    assert migrate_env["DB_API_SECRET_ARN"] == {"Ref": "ApiDbSecret"}
+    assert migrate_env["DB_WORKER_SECRET_ARN"] == {"Ref": "WorkerDbSecret"}
+
+
+def test_no_function_but_migrate_can_read_the_master_secret(template: dict[str, Any]) -> None:
+    master = {str(DB_SECRET), str(DB_SECRET["Fn::If"][1]), str(DB_SECRET["Fn::If"][2])}
+    readers = set()
+    for holder, statement in iam_statements(template):
+        if statement.get("Effect") != "Allow":
+            continue
+        actions = as_list(statement["Action"])
+        if not any(
+            a in ("secretsmanager:GetSecretValue", "secretsmanager:*", "*") for a in actions
+        ):
+            continue
+        for resource in as_list(statement["Resource"]):
+            assert resource != "*", (holder, "reads every secret")
+            if str(resource) in master:
+                readers.add(holder)
+    # the RDS Proxy logs in to the database as each user it serves, the master included
+    assert readers == {"MigrateFunctionRole", "DatabaseProxyRole"}
+    # KMS for an existing secret's customer managed key: the migrate function only
+    kms = {
+        holder for holder, s in iam_statements(template) if "kms:Decrypt" in as_list(s["Action"])
+    }
+    assert kms == {"MigrateFunctionRole"}
+
+
+def test_the_login_secrets_are_generated_for_their_users(template: dict[str, Any]) -> None:
+    for name, user in (
+        ("ApiDbSecret", "matchmaker_api_login"),
+        ("WorkerDbSecret", "matchmaker_worker_login"),
+    ):
+        generate = resources(template)[name]["Properties"]["GenerateSecretString"]
+        assert json.loads(generate["SecretStringTemplate"]) == {"username": user}
+        assert generate["GenerateStringKey"] == "password"
+        assert generate["PasswordLength"] >= 32
+    auth = resources(template)["DatabaseProxy"]["Properties"]["Auth"]
+    assert {str(a["SecretArn"]) for a in auth} == {
+        str({"Fn::GetAtt": ["Database", "MasterUserSecret.SecretArn"]}),
+        str({"Ref": "ApiDbSecret"}),
+        str({"Ref": "WorkerDbSecret"}),
+    }
+
+
+def test_tls_to_the_database_is_verified(template: dict[str, Any]) -> None:
+    """verify-full everywhere; the proxy's certificates chain to the shipped Amazon roots
+    (DB_SSLROOTCERT empty), a DB instance's to the RDS CA bundle; Settings accepts both."""
+    variables = globals_function(template)["Environment"]["Variables"]
+    assert variables["DB_SSLMODE"] == "verify-full"
+    root = variables["DB_SSLROOTCERT"]["Fn::If"]
+    assert root[0] == "UseRdsProxy" and root[1] == ""
+    assert root[2].startswith("/var/task/core/data/trust/")
+    for name in functions(template):
+        assert environment(template, name)["DB_SSLMODE"] == "verify-full", name
+    assert resources(template)["DatabaseProxy"]["Properties"]["RequireTLS"] is True
+    Settings(db_sslmode=variables["DB_SSLMODE"], db_sslrootcert=root[1])
+    Settings(db_sslmode=variables["DB_SSLMODE"], db_sslrootcert=root[2])
+
+
+# --- the connection budget ---------------------------------------------------------------
+
+# RDS for PostgreSQL sets max_connections to LEAST(DBInstanceClassMemory/9531392, 5000).
+# DBInstanceClassMemory is the class's memory less what RDS keeps for the OS and its own
+# processes; 75 % of the nominal memory is a conservative estimate for small classes.
+INSTANCE_MEMORY_GIB = {"db.t4g.micro": 1, "db.t4g.small": 2, "db.t4g.medium": 4}
+SUPERUSER_RESERVED_CONNECTIONS = 3  # kept for rds_superuser (and RDS's own rdsadmin)
+HEADROOM = 0.8  # room for operators, psql sessions, monitoring and a deploy's overlap
+
+
+def max_connections(instance_class: str) -> int:
+    memory = INSTANCE_MEMORY_GIB[instance_class] * 1024**3 * 0.75
+    return min(int(memory // 9_531_392), 5000)
+
+
+def function_max_connections(template: dict[str, Any]) -> dict[str, int]:
+    """Each function's most concurrent executions at the parameters' defaults, one database
+    connection each (one ConnectionCache per container). A function without a bound fails:
+    it could take every connection."""
+    bounds: dict[str, int] = {}
+    for name, fn in functions(template).items():
+        props = fn["Properties"]
+        if "ReservedConcurrentExecutions" in props:
+            bounds[name] = int(parameter_default(template, props["ReservedConcurrentExecutions"]))
+        elif any(e["Type"] == "SQS" for e in props.get("Events", {}).values()):
+            bounds[name] = sum(
+                int(e["Properties"]["ScalingConfig"]["MaximumConcurrency"])
+                for e in props["Events"].values()
+                if e["Type"] == "SQS"
+            )
+        elif name == "MigrateFunction":
+            bounds[name] = 1  # one custom-resource request per deploy, serialised by a lock
+        else:
+            raise AssertionError(f"{name} has no concurrency bound: it could exhaust the database")
+    return bounds
+
+
+def test_the_functions_fit_the_default_databases_connections_with_headroom(
+    template: dict[str, Any],
+) -> None:
+    """At the defaults (db.t4g.micro: about 84 connections), the API's reserved concurrency,
+    the matchmaker's, the redrive consumer's and the migrate run together stay within 80 %
+    of max_connections less the superuser reserve, and within the RDS Proxy's pool (on by
+    default) so that no function waits for another's connection."""
+    instance_class = template["Parameters"]["DbInstanceClass"]["Default"]
+    limit = max_connections(instance_class)
+    bounds = function_max_connections(template)
+    demand = sum(bounds.values())
+    budget = int(limit * HEADROOM) - SUPERUSER_RESERVED_CONNECTIONS
+    assert demand <= budget, (bounds, demand, budget)
+
+    assert template["Parameters"]["EnableRdsProxy"]["Default"] == "true"
+    pool = resources(template)["DatabaseProxyTargetGroup"]["Properties"]
+    pool_size = int(limit * pool["ConnectionPoolConfigurationInfo"]["MaxConnectionsPercent"] / 100)
+    assert demand <= pool_size, (demand, pool_size)
+    # the API is bounded by its own reserved concurrency, not only by HTTP throttling
+    api = functions(template)["ApiFunction"]["Properties"]
+    assert api["ReservedConcurrentExecutions"] == {"Ref": "ApiReservedConcurrency"}
+    assert bounds["ApiFunction"] == 20 and bounds["MatchmakerFunction"] == 2
 
 
 def test_least_privilege_per_function(template: dict[str, Any]) -> None:

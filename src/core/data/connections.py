@@ -11,12 +11,18 @@ from typing import Any
 import psycopg
 from botocore.exceptions import BotoCoreError, ClientError
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from core import aws
 from core.settings import Settings
 
 EMBEDDED_DATABASE = "matchmaker"
+# Amazon's public root CAs: RDS Proxy presents certificates from AWS Certificate Manager,
+# which chain to them (a DB instance's own certificate chains to the RDS CAs instead).
+AMAZON_ROOT_CAS = Path(__file__).resolve().parent / "trust" / "amazon-root-cas.pem"
+# Encrypted but the server unauthenticated, or not encrypted at all: never on AWS.
+UNVERIFIED_SSLMODES = frozenset({"disable", "allow", "prefer"})
+VERIFYING_SSLMODES = frozenset({"verify-ca", "verify-full"})
 
 _embedded_lock = threading.Lock()
 _embedded_servers: dict[Path, Any] = {}
@@ -106,7 +112,34 @@ def _url_from_secret(settings: Settings) -> str:
         dbname=str(secret.get("dbname") or settings.db_name),
         user=str(secret["username"]),
         password=str(secret["password"]),
+        # the AWS way in: the server is authenticated unless DB_SSLMODE says otherwise
+        sslmode=settings.db_sslmode or "verify-full",
     )
+
+
+def tls_parameters(url: str, settings: Settings) -> dict[str, str]:
+    """sslmode/sslrootcert for a connection to `url`: DB_SSLMODE overrides the URL's; a
+    verifying mode gets its trust roots; a deployed function refuses any mode that does not
+    at least encrypt and require TLS (and says so), so nothing is ever silently weaker.
+    A Unix socket (host a directory, or no host) is local and left alone."""
+    params = conninfo_to_dict(url)
+    host = str(params.get("host") or "")
+    if not host or host.startswith("/"):
+        return {}
+    mode = settings.db_sslmode or str(params.get("sslmode") or "prefer")
+    if settings.deployed and mode in UNVERIFIED_SSLMODES:
+        raise DatabaseUnavailableError(
+            f"sslmode={mode} does not authenticate the database server: a deployed function "
+            "connects with DB_SSLMODE=verify-full (or, for a server without a verifiable "
+            "certificate, an explicit verify-ca or require)"
+        )
+    tls = {"sslmode": mode}
+    if mode in VERIFYING_SSLMODES and not params.get("sslrootcert"):
+        root = settings.db_sslrootcert or AMAZON_ROOT_CAS
+        if not root.is_file():
+            raise DatabaseUnavailableError(f"DB_SSLROOTCERT: no CA certificate file at {root}")
+        tls["sslrootcert"] = str(root)
+    return tls
 
 
 class ConnectionCache:
@@ -133,8 +166,10 @@ def connect(
     """A connection configured for the worker and the API.
 
     prepare_threshold=None: RDS Proxy pins sessions that use prepared statements.
+    TLS: see tls_parameters (verify-full on AWS).
     statement_timeout below the lease: no statement outlives the rows it works on.
     """
+    url = make_conninfo(url, **tls_parameters(url, settings))
     try:
         return psycopg.connect(
             url,

@@ -165,7 +165,8 @@ SELECT profile_id, rank, matched_profile_id, score FROM user_matches
  WHERE event_id = %(event_id)s ORDER BY profile_id, rank
 
 -- name: delete_lists
-DELETE FROM user_matches WHERE event_id = %(event_id)s AND profile_id = ANY(%(owners)s)
+-- Through the owner's function: no role may delete from user_matches directly (0010).
+SELECT mm_delete_lists(%(event_id)s, %(owners)s)
 
 -- name: copy_lists
 COPY user_matches (event_id, profile_id, rank, matched_profile_id, score, reasons) FROM STDIN
