@@ -131,9 +131,9 @@ METRICS: dict[MetricName, MetricSpec] = {
     MetricName.PROVIDER_FAULTS: MetricSpec(
         MetricUnit.Count,
         "core/embedding/openai_provider.py (worker, API trigger)",
-        "Embeddings API requests that failed for the provider's reasons (retries ran out, "
-        "a rejected key or model, a malformed answer): their users are deferred, not failed, "
-        "and the faults feed the circuit breaker.",
+        "Embeddings API requests that failed for good, whatever the class (logged as "
+        "fault=transient|permanent|malformed|input|deadline): provider faults defer their "
+        "users and feed the circuit breaker; a rejected input fails its user alone.",
     ),
     MetricName.PROVIDER_FALLBACKS: MetricSpec(
         MetricUnit.Count,

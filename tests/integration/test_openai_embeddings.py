@@ -77,6 +77,10 @@ def drain(conn: Conn, worker: Matchmaker, **kwargs: Any) -> Any:
     return report
 
 
+def breaker_of(conn: Conn, cfg: Settings) -> Any:
+    return lambda key: repo.read_breaker(conn, key, cfg.provider_probe_interval_s)
+
+
 def refreshed(conn: Conn, event: EventRecord) -> EventRecord:
     record = repo.fetch_event_by_id(conn, event.id)
     assert record is not None
@@ -415,7 +419,7 @@ def test_a_provider_outage_falls_back_to_local_and_switches_back_after_recovery(
     assert_exact(conn, down, LocalEmbedder().key)
     assert queue_rows(conn, fine.id) == []
     assert_exact(conn, fine, LocalEmbedder().key)
-    choice = effective_embedder(down, cfg, conn)
+    choice = effective_embedder(down, cfg, breaker_of(conn, cfg))
     assert (choice.configured, choice.effective, choice.breaker) == ("openai", "local", "open")
     assert choice.since is not None and "HTTP 500" in choice.reason
 
@@ -428,7 +432,7 @@ def test_a_provider_outage_falls_back_to_local_and_switches_back_after_recovery(
     assert fake_openai.calls["/v1/embeddings"] == 2
     assert embedder_for_event(down, cfg).key.startswith("openai:")
     assert_exact(conn, down, embedder_for_event(down, cfg).key)
-    assert effective_embedder(down, cfg, conn).effective == "openai"
+    assert effective_embedder(down, cfg, breaker_of(conn, cfg)).effective == "openai"
 
 
 def test_an_outage_does_not_multiply_requests(conn, settings, fake_openai, monkeypatch):

@@ -127,7 +127,11 @@ def event_status(
     queue = _queue(figures.queue)
     coverage = _coverage(figures.coverage, event.settings.k)
     state, reason = job_state(bool(job.get("paused")), queue, coverage)
-    choice = effective_embedder(event, settings, conn)
+    choice = effective_embedder(
+        event,
+        settings,
+        lambda key: repo.read_breaker(conn, key, settings.provider_probe_interval_s),
+    )
     icebreakers = None
     if event.settings.icebreakers:
         pairs, covered = repo.icebreaker_coverage(conn, event.id)

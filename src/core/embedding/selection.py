@@ -5,6 +5,8 @@ when its effective embedder changes)."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -26,8 +28,34 @@ from core.settings import Settings
 if TYPE_CHECKING:
     import openai
 
-    from core.data.repository import Conn
     from core.embedding.openai_provider import OpenAIEmbedder
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+class BreakerView(Protocol):
+    """What the status needs of the provider's circuit breaker (core.queue.breaker)."""
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def reason(self) -> str | None: ...
+
+    @property
+    def failing_since(self) -> datetime | None: ...
+
+    @property
+    def opened_at(self) -> datetime | None: ...
+
+
+def provider_config_key(model: str, dimensions: int, base_url: str | None, api_key: str) -> str:
+    """A provider configuration, whose circuit breaker is kept apart: model, dimensions,
+    endpoint and a fingerprint of the key (never the key itself), so a new key starts
+    with a fresh, closed breaker."""
+    fingerprint = hashlib.sha256(api_key.encode()).hexdigest()[:12]
+    endpoint = (base_url or DEFAULT_BASE_URL).rstrip("/")
+    return f"openai:{model}:d{dimensions}@{endpoint}#key-{fingerprint}"
 
 
 class Embedder(Protocol):
@@ -110,11 +138,14 @@ class EmbedderChoice:
 
 
 def effective_embedder(
-    event: EventRecord, settings: Settings, conn: Conn | None = None
+    event: EventRecord,
+    settings: Settings,
+    breaker_of: Callable[[str], BreakerView | None] | None = None,
 ) -> EmbedderChoice:
     """Report (read-only) which embedder serves the event and why, by the same rule as
-    the worker: OpenAI when the event asks for it, a key is configured and (given `conn`
-    to read it) the provider's circuit breaker is closed."""
+    the worker: OpenAI when the event asks for it, a key is configured and (given
+    `breaker_of`, which reads a configuration's breaker) the provider's circuit breaker
+    is closed."""
     configured = event.settings.embedder
     if configured != "openai":
         return EmbedderChoice(configured, "local", "the event asks for the local embedder")
@@ -134,19 +165,14 @@ def effective_embedder(
             f"the event asks for OpenAI but {source} cannot be read "
             f"({type(exc).__name__}): its batches fail until it can",
         )
-    if key and conn is not None:
-        from core.data import repository as repo  # noqa: PLC0415
-        from core.embedding.breaker import config_key  # noqa: PLC0415
-
-        breaker = repo.read_breaker(
-            conn,
-            config_key(
+    if key and breaker_of is not None:
+        breaker = breaker_of(
+            provider_config_key(
                 settings.openai_embedding_model,
                 settings.openai_embedding_dimensions,
                 settings.openai_base_url,
                 key,
-            ),
-            settings.provider_probe_interval_s,
+            )
         )
         if breaker is not None and breaker.state == "open":
             return EmbedderChoice(
@@ -173,7 +199,7 @@ def effective_embedder(
             "openai",
             f"the event asks for OpenAI ({settings.openai_embedding_model}, "
             f"{settings.openai_embedding_dimensions} dimensions) and {source} holds a key",
-            breaker="closed" if conn is not None else None,
+            breaker="closed" if breaker_of is not None else None,
         )
     missing = (
         f"{source} holds no key"

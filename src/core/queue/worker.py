@@ -21,8 +21,7 @@ import psycopg
 from core.data import repository as repo
 from core.data.conflicts import CONFLICT_ERRORS, retry_conflicts
 from core.data.repository import ClaimedRow, Conn, QueueOutcome
-from core.embedding.breaker import ProviderBreaker
-from core.embedding.errors import InputRejectedError, OutOfTimeError, ProviderError
+from core.embedding.errors import OutOfTimeError, ProviderError
 from core.embedding.local import LocalEmbedder
 from core.embedding.selection import Embedder, configured_openai_embedder, embedder_for_event
 from core.embedding.vectors import content_hash
@@ -30,6 +29,7 @@ from core.matching.engine import EventState, PreparedBatch
 from core.models import EventRecord, ListEntry, Profile
 from core.observability import logger
 from core.queue import loader
+from core.queue.breaker import ProviderBreaker
 from core.queue.icebreakers import IcebreakerWriter, icebreaker_writer
 from core.settings import Settings
 
@@ -601,7 +601,9 @@ class Matchmaker:
         """Embed (profile id, profile, content hash) triples into `vectors`; inputs the
         provider rejects go to `errors` by profile id.
 
-        Only a rejected input (InputRejectedError) splits a request: in halves until the
+        Only a rejected input (InputRejectedError, or an unclassified error of an embedder
+        that sends no requests, such as a local one failing on a profile) splits a
+        request: in halves until the
         culprits are alone, within a budget of about 2*log2(n) + 4 requests per batch (one
         bad profile among thousands costs ~2*log2(n) extra requests); users not isolated
         within it fail this attempt and are narrowed down further on the next. Any other
@@ -622,7 +624,9 @@ class Matchmaker:
             budget -= 1
             try:
                 embedded = embedder.embed([profile for _, profile, _ in part], self.deadline)
-            except InputRejectedError as exc:
+            except (ProviderError, OutOfTimeError):
+                raise
+            except Exception as exc:  # InputRejectedError, or an embedder failing on input
                 if len(part) == 1:
                     errors[part[0][0]] = _short_error(exc)
                 else:

@@ -13,7 +13,6 @@ back are queued whole to switch back.
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING
 
 from aws_lambda_powertools.metrics import MetricUnit
@@ -27,17 +26,8 @@ from core.settings import Settings
 if TYPE_CHECKING:
     from core.embedding.openai_provider import OpenAIEmbedder
 
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # The queue reason of the rows that switch an event back to the provider.
 SWITCH_BACK_REASON = "embedder_restored"
-
-
-def config_key(model: str, dimensions: int, base_url: str | None, api_key: str) -> str:
-    """A provider configuration: model, dimensions, endpoint and a fingerprint of the key
-    (never the key itself), so a new key starts with a fresh, closed breaker."""
-    fingerprint = hashlib.sha256(api_key.encode()).hexdigest()[:12]
-    endpoint = (base_url or DEFAULT_BASE_URL).rstrip("/")
-    return f"openai:{model}:d{dimensions}@{endpoint}#key-{fingerprint}"
 
 
 class ProviderBreaker:
