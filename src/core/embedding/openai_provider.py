@@ -259,8 +259,15 @@ def classify(exc: Exception) -> EmbeddingError:
         return ProviderUnavailableError(f"{name}: {exc}")
     if isinstance(exc, openai.APIStatusError):
         return _classify_status(exc)
-    if isinstance(exc, openai.APIResponseValidationError | ValueError | AttributeError):
-        # invalid JSON, "No embedding data received", a body the SDK left as text (HTML)
+    if isinstance(exc, AttributeError | TypeError):
+        # the SDK hands back a body that is not JSON (an HTML page from a proxy) as text,
+        # then fails reading it as an embeddings list
+        return MalformedAnswerError(
+            "malformed answer from the embeddings API: the body is not an embeddings JSON "
+            f"object (an HTML or text page?): {name}: {exc}"
+        )
+    if isinstance(exc, openai.APIResponseValidationError | ValueError):
+        # invalid JSON, "No embedding data received"
         return MalformedAnswerError(f"malformed answer from the embeddings API: {name}: {exc}")
     return ProviderUnavailableError(f"{name}: {exc}")
 

@@ -178,6 +178,10 @@ class Matchmaker:
         # probes and switch-backs for the configured provider (tests that inject their
         # own embedders manage the provider themselves)
         self.provider_checks = embedder_for is None
+        # provider configurations that failed in this run (breaker still closed): their
+        # batches are deferred without a request until the run ends, so an outage costs
+        # one batch's attempts per run, not every batch's
+        self.provider_failed: dict[str, str] = {}
         self.deadline: float | None = None
         self.icebreakers: IcebreakerWriter | None = None
         self.worker_id = worker_id or default_worker_id()
@@ -219,6 +223,7 @@ class Matchmaker:
         report.dead.extend(newly_dead)
         if newly_dead and on_dead:
             on_dead(newly_dead)
+        self.provider_failed.clear()
         if self.provider_checks:
             self._check_provider(conn)
         slowest = 0.0  # of regular batches; bulk batches are sized to the time left
@@ -341,11 +346,16 @@ class Matchmaker:
             breaker_key: str | None = getattr(embedder, "breaker_key", None)
             if breaker_key and self.breaker.is_open(conn, breaker_key):
                 embedder = LocalEmbedder()  # the whole event, until a probe succeeds
+            elif breaker_key and breaker_key in self.provider_failed:
+                started.deferred = self.provider_failed[breaker_key]
+                return started
             try:
                 started.ready = self._embed(conn, embedder, claimed, started.failures)
             except ProviderError as exc:
                 if not (breaker_key and self.breaker.record_fault(conn, breaker_key, exc)):
                     started.deferred = _short_error(exc)
+                    if breaker_key:
+                        self.provider_failed[breaker_key] = started.deferred
                     return started
                 embedder = LocalEmbedder()  # it just opened: this batch falls back too
                 started.failures.clear()
