@@ -224,6 +224,7 @@ class Matchmaker:
         if newly_dead and on_dead:
             on_dead(newly_dead)
         self.provider_failed.clear()
+        self.icebreakers = None  # ICEBREAKERS_PER_RUN is a budget per run
         if self.provider_checks:
             self._check_provider(conn)
         slowest = 0.0  # of regular batches; bulk batches are sized to the time left
