@@ -27,6 +27,7 @@ from core.queue.worker import Matchmaker, WorkerReport
 from core.settings import Settings
 from tests.helpers import add_attendees, queue_rows
 from tests.integration.test_openai_embeddings import breaker_of, openai_settings
+from tooling import local_runs
 from tooling.oracle import verify_event
 from tooling.synthetic import generate_profiles
 
@@ -252,6 +253,9 @@ def test_a_bad_key_costs_one_request_and_no_dead_user(
     choice = in_effect(conn, event, cfg)
     assert (choice.effective, choice.breaker) == ("local", "open")
     assert "HTTP 401" in choice.reason
+    verified = local_runs.verify(conn, current(conn, event), cfg)  # `matchmaker verify`
+    assert verified.ok and verified.embedder_key == LocalEmbedder().key
+    assert "circuit breaker is open" in verified.embedder_reason
     for _ in range(3):  # later runs send nothing until a probe is due
         run(conn, worker)
     assert requests(fake_openai) == 1
@@ -277,6 +281,6 @@ def test_one_rejected_input_fails_its_user_alone_within_the_request_budget(
     ]
     rows = queue_rows(conn, event.id)
     assert [(r["user_id"], r["status"]) for r in rows] == [(poison.user_id, "dead")]
-    assert "rejected an input" in rows[0]["last_error"]
+    assert "because of an input" in rows[0]["last_error"]
     assert in_effect(conn, event, cfg).breaker == "closed"
     print(f"\n[provider faults] one rejected input: {requests(fake_openai)} requests")

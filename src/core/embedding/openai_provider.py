@@ -278,7 +278,9 @@ def _classify_status(exc: openai.APIStatusError) -> EmbeddingError:
         return ProviderUnavailableError(f"HTTP {status} {name}: {exc}", status=status)
     if status in INPUT_STATUSES and _blames_input(exc):
         return InputRejectedError(
-            f"the embeddings API rejected an input: HTTP {status} {name}: {exc}", status=status
+            f"the embeddings API rejected the request because of an input (HTTP {status} "
+            f"{name}): {exc}",
+            status=status,
         )
     return ProviderRejectedError(
         f"the embeddings API rejected the request (HTTP {status} {name}): {exc}; "
