@@ -284,3 +284,28 @@ def test_one_rejected_input_fails_its_user_alone_within_the_request_budget(
     assert "because of an input" in rows[0]["last_error"]
     assert in_effect(conn, event, cfg).breaker == "closed"
     print(f"\n[provider faults] one rejected input: {requests(fake_openai)} requests")
+
+
+def test_a_key_that_appears_switches_a_fallen_back_event_to_openai_on_its_own(
+    conn: Conn, settings: Settings, fake_openai: FakeOpenAI
+) -> None:
+    """Given an "openai" event matched without a key (the local embedder, and status and
+    verify say so), when a key is configured, then the next run - with nothing queued -
+    queues the event whole and matches it with OpenAI, exact."""
+    no_key = openai_settings(settings, None, batch_size=BATCH_SIZE, bulk_batch_seconds=0.0)
+    event = openai_event(conn)
+    report = run(conn, Matchmaker(no_key))
+    assert report.fallback_users == ATTENDEES
+    assert_exact_with(conn, event, LocalEmbedder().key)
+    verified = local_runs.verify(conn, current(conn, event), no_key)
+    assert verified.ok and verified.embedder_key == LocalEmbedder().key
+    assert "no OpenAI key is configured" in verified.embedder_reason
+    assert requests(fake_openai) == 0
+
+    cfg = fault_settings(settings, fake_openai)
+    report = run(conn, Matchmaker(cfg))
+    assert report.completed >= ATTENDEES and report.dead == []
+    assert requests(fake_openai) == BATCHES
+    assert_exact_with(conn, event, embedder_for_event(event, cfg).key)
+    verified = local_runs.verify(conn, current(conn, event), cfg)
+    assert verified.ok and verified.embedder_key.startswith("openai:")
