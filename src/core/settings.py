@@ -79,8 +79,9 @@ class Settings(BaseSettings):
     # local embedder, and one probe per interval checks whether it is back.
     provider_breaker_window_s: Annotated[float, Field(ge=0, le=86_400)] = 120.0
     provider_probe_interval_s: Annotated[float, Field(ge=0, le=86_400)] = 60.0
-    # Users of a batch the provider failed (before the breaker opens) wait this long
-    # before they are claimed again; the attempt does not count.
+    # Users of a batch the provider failed (before the breaker opens) wait this long, and
+    # at least until the run ends, before they are claimed again; the attempt does not
+    # count.
     provider_defer_s: Annotated[float, Field(ge=0, le=3600)] = 10.0
 
     # Legacy synchronous trigger (useQueue: false) only for events up to this size.

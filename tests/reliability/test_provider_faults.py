@@ -148,7 +148,7 @@ def test_an_outage_falls_back_to_the_local_embedder_and_recovery_switches_back(
     assert fake.calls["/v1/embeddings"] - before_outage == 1
     # The next run meets the outage once (one request's 4 attempts) and defers every
     # batch without another request: the window has not passed yet.
-    rest = stack.run_matchmaker()
+    rest = stack.run_matchmaker(remaining_ms=settings.worker_safety_ms + 3000)
     assert (rest["failed"], rest["dead"], rest["completed"]) == (0, 0, 0)
     assert fake.calls["/v1/embeddings"] - before_outage == 1 + len(OUTAGE)
     assert_deferred(conn, event, late)

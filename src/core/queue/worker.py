@@ -496,14 +496,13 @@ class Matchmaker:
             "batch deferred after a provider fault",
             extra={"event_id": claimed[0].event_id, "users": len(claimed), "error": error[:300]},
         )
+        # Not before this run ends: it sends the provider nothing more (provider_failed),
+        # so claiming the rows again now would only spin on the queue.
+        left_s = self.deadline - time.monotonic() if self.deadline is not None else 0.0
+        delay_s = max(self.settings.provider_defer_s, left_s)
         with conn.transaction():
             deferred = sum(
-                repo.defer(
-                    conn,
-                    {row.queue_id: error for row in rows},
-                    token,
-                    self.settings.provider_defer_s,
-                )
+                repo.defer(conn, {row.queue_id: error for row in rows}, token, delay_s)
                 for token, rows in by_lease(claimed).items()
             )
             repo.finish_batch(
