@@ -30,7 +30,7 @@ from core.embedding.errors import (
     ProviderRejectedError,
     ProviderUnavailableError,
 )
-from core.embedding.selection import provider_config_key
+from core.embedding.selection import openai_embedder_key, provider_config_key
 from core.embedding.vectors import BLOCKS, quantize_blocks
 from core.models import Profile
 from core.observability import MetricName, logger, metrics
@@ -80,8 +80,7 @@ class OpenAIEmbedder:
 
     @property
     def key(self) -> str:
-        # Quantisation is part of the key: vectors from another scheme must not mix.
-        return f"openai:{self.model}:d{self.dimensions}:q1"
+        return openai_embedder_key(self.model, self.dimensions)
 
     @property
     def breaker_key(self) -> str:

@@ -49,6 +49,26 @@ class BreakerView(Protocol):
     def opened_at(self) -> datetime | None: ...
 
 
+def openai_embedder_key(model: str, dimensions: int) -> str:
+    """The vectors' embedder key (quantisation is part of it: vectors from another scheme
+    must not mix)."""
+    return f"openai:{model}:d{dimensions}:q1"
+
+
+def configured_breaker_key(settings: Settings) -> str | None:
+    """The circuit breaker of this deployment's OpenAI configuration, without loading the
+    SDK; None without a key."""
+    key = openai_api_key(settings)
+    if not key:
+        return None
+    return provider_config_key(
+        settings.openai_embedding_model,
+        settings.openai_embedding_dimensions,
+        settings.openai_base_url,
+        key,
+    )
+
+
 def provider_config_key(model: str, dimensions: int, base_url: str | None, api_key: str) -> str:
     """A provider configuration, whose circuit breaker is kept apart: model, dimensions,
     endpoint and a fingerprint of the key (never the key itself), so a new key starts

@@ -23,7 +23,13 @@ from core.data.conflicts import CONFLICT_ERRORS, retry_conflicts
 from core.data.repository import ClaimedRow, Conn, QueueOutcome
 from core.embedding.errors import OutOfTimeError, ProviderError
 from core.embedding.local import LocalEmbedder
-from core.embedding.selection import Embedder, configured_openai_embedder, embedder_for_event
+from core.embedding.selection import (
+    Embedder,
+    configured_breaker_key,
+    configured_openai_embedder,
+    embedder_for_event,
+    openai_embedder_key,
+)
 from core.embedding.vectors import content_hash
 from core.matching.engine import EventState, PreparedBatch
 from core.models import EventRecord, ListEntry, Profile
@@ -255,24 +261,36 @@ class Matchmaker:
 
     def _check_provider(self, conn: Conn) -> None:
         """At the start of a run: probe the provider if its breaker is open and a probe is
-        due; while it is closed, queue the events that fell back to switch back."""
-        try:
+        due; while it is closed, queue the events that fell back to switch back. (The SDK
+        is loaded only to probe.)"""
+        breaker_key = self._configured_breaker_key()
+        if breaker_key is None:
+            return
+        row = self.breaker.read(conn, breaker_key)
+        if row is not None and row.probe_due:
             embedder = configured_openai_embedder(self.settings)
-        except Exception:  # the key cannot be read: batches say so; nothing to probe
+            if embedder is not None:
+                self.breaker.probe_if_due(conn, embedder, self.deadline)
+                row = self.breaker.read(conn, breaker_key)
+        if row is None or row.state != "open":
+            self.breaker.switch_back(
+                conn,
+                openai_embedder_key(
+                    self.settings.openai_embedding_model,
+                    self.settings.openai_embedding_dimensions,
+                ),
+            )
+
+    def _configured_breaker_key(self) -> str | None:
+        try:
+            return configured_breaker_key(self.settings)
+        except Exception:  # the key cannot be read: batches say so; nothing to check
             logger.warning("provider check skipped: the OpenAI key cannot be read", exc_info=True)
-            return
-        if embedder is None:
-            return
-        self.breaker.probe_if_due(conn, embedder, self.deadline)
-        if not self.breaker.is_open(conn, embedder.breaker_key):
-            self.breaker.switch_back(conn, embedder.key)
+            return None
 
     def _breaker_state(self, conn: Conn) -> bool:
-        try:
-            embedder = configured_openai_embedder(self.settings)
-        except Exception:
-            return False
-        return embedder is not None and self.breaker.report_state(conn, embedder.breaker_key)
+        breaker_key = self._configured_breaker_key()
+        return breaker_key is not None and self.breaker.report_state(conn, breaker_key)
 
     def _catch_up_icebreakers(self, conn: Conn) -> int:
         """With what is left of the run's icebreaker budget: list entries that never got an
