@@ -27,8 +27,9 @@ A fault is a dict of ``status`` (an HTTP error with an OpenAI-style error body;
 ``retry_after`` sets the Retry-After header), ``delay`` (seconds to sleep before
 answering; capped at MAX_DELAY_S and cut short when the server stops), ``malformed``
 (200 with an invalid JSON body), ``wrong_dimensions`` (vectors one component too long),
-``missing_vector`` (one vector fewer than inputs) or ``drop`` (close the connection
-without answering).
+``missing_vector`` (one vector fewer than inputs), ``nan`` (a NaN in the first vector),
+``html`` (200 with an HTML page, as a misconfigured proxy answers) or ``drop`` (close the
+connection without answering). An empty dict is no fault (handy in scripted sequences).
 
 The server binds 127.0.0.1 on a free port, serves each connection in a daemon thread,
 rejects bodies over MAX_BODY_BYTES, closes idle connections after IDLE_TIMEOUT_S and
@@ -319,6 +320,10 @@ class _Handler(BaseHTTPRequestHandler):
             if fault.get("malformed"):
                 self._send(200, b'{"object": "list", "data": [', "application/json")
                 return
+            if fault.get("html"):
+                page = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+                self._send(200, page, "text/html")
+                return
             if path == "/v1/embeddings":
                 answer = self._embeddings(body, fault)
             elif path == "/v1/chat/completions":
@@ -365,6 +370,8 @@ class _Handler(BaseHTTPRequestHandler):
             vector = embed_text(text, dimensions)
             if fault.get("wrong_dimensions"):
                 vector = [*vector, 0.0]
+            if fault.get("nan") and index == 0:
+                vector = [math.nan, *vector[1:]]
             embedding: Any = vector
             if encoding == "base64":
                 packed = struct.pack(f"<{len(vector)}f", *vector)

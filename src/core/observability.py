@@ -60,6 +60,10 @@ class MetricName(StrEnum):
     PROVIDER_RETRIES = "ProviderRetries"
     PROVIDER_FAULTS = "ProviderFaults"
     PROVIDER_FALLBACKS = "ProviderFallbacks"
+    PROVIDER_REQUESTS = "ProviderRequests"
+    PROVIDER_INPUTS = "ProviderInputs"
+    PROVIDER_TOKENS = "ProviderTokens"
+    PROVIDER_BREAKER_OPEN = "ProviderBreakerOpen"
     ATTENDEES_UPSERTED = "AttendeesUpserted"
     WAKES_SENT = "WakesSent"
     WAKE_FAILURES = "WakeFailures"
@@ -129,13 +133,36 @@ METRICS: dict[MetricName, MetricSpec] = {
     MetricName.PROVIDER_FAULTS: MetricSpec(
         MetricUnit.Count,
         "core/embedding/openai_provider.py (worker, API trigger)",
-        "Embeddings API requests that failed for good (retries or time ran out, rejected, "
-        "malformed answer): their users are failed and retried later.",
+        "Embeddings API requests that failed for good, whatever the class (logged as "
+        "fault=transient|permanent|malformed|input|deadline): provider faults defer their "
+        "users and feed the circuit breaker; a rejected input fails its user alone.",
     ),
     MetricName.PROVIDER_FALLBACKS: MetricSpec(
         MetricUnit.Count,
         _MATCHMAKER,
-        "Users of events that ask for OpenAI embedded by the local embedder (no key set).",
+        "Users of events that ask for OpenAI embedded by the local embedder (no key set, "
+        "or the provider's circuit breaker is open).",
+    ),
+    MetricName.PROVIDER_REQUESTS: MetricSpec(
+        MetricUnit.Count,
+        "core/embedding/openai_provider.py (worker, API trigger)",
+        "Embeddings API requests sent (retries and probes included).",
+    ),
+    MetricName.PROVIDER_INPUTS: MetricSpec(
+        MetricUnit.Count,
+        "core/embedding/openai_provider.py (worker, API trigger)",
+        "Texts sent to the embeddings API (retries included).",
+    ),
+    MetricName.PROVIDER_TOKENS: MetricSpec(
+        MetricUnit.Count,
+        "core/embedding/openai_provider.py (worker, API trigger)",
+        "Tokens the embeddings API reported as used.",
+    ),
+    MetricName.PROVIDER_BREAKER_OPEN: MetricSpec(
+        MetricUnit.Count,
+        _MATCHMAKER,
+        "1 when the provider's circuit breaker is open at the end of a run (its events are "
+        "served by the local embedder), else 0.",
     ),
     MetricName.ATTENDEES_UPSERTED: MetricSpec(
         MetricUnit.Count, "ApiFunction (handlers/api.py)", "Attendees created or updated."

@@ -90,6 +90,15 @@ class Settings(BaseSettings):
     openai_chat_model: str = "gpt-4o-mini"
     # Icebreakers are extras: at most this many chat calls per worker run.
     icebreakers_per_run: Annotated[int, Field(ge=0, le=10_000)] = 200
+    # The provider's circuit breaker: transient faults for this long open it (a bad key,
+    # a 403 or an unknown model open it at once); open, its events are matched with the
+    # local embedder, and one probe per interval checks whether it is back.
+    provider_breaker_window_s: Annotated[float, Field(ge=0, le=86_400)] = 120.0
+    provider_probe_interval_s: Annotated[float, Field(ge=0, le=86_400)] = 60.0
+    # Users of a batch the provider failed (before the breaker opens) wait this long, and
+    # at least until the run ends, before they are claimed again; the attempt does not
+    # count.
+    provider_defer_s: Annotated[float, Field(ge=0, le=3600)] = 10.0
 
     # Legacy synchronous trigger (useQueue: false) only for events up to this size.
     sync_match_max_attendees: Annotated[int, Field(ge=1, le=5000)] = 500

@@ -80,6 +80,9 @@ def _print_worker_report(report: WorkerReport, out: TextIO) -> None:
 
 
 def _print_verify(report: VerifyReport, out: TextIO) -> None:
+    print(f"verify: against the embedder {report.embedder_key}", file=out)
+    if report.embedder_reason:
+        print(f"  ({report.embedder_reason})", file=out)
     if report.ok:
         print(f"verify: OK - {report.checked} lists equal the brute-force top-k", file=out)
         return

@@ -13,7 +13,8 @@ from core.data.connections import connect, resolve_database_url
 from core.data.migrations import migrate
 from core.data.named_sql import query
 from core.data.repository import Conn
-from core.embedding.selection import embedder_for_event
+from core.embedding.local import LocalEmbedder
+from core.embedding.selection import effective_embedder, embedder_for_event
 from core.models import EventIn, EventRecord, EventSettings, Profile
 from core.queue.worker import BatchResult, Matchmaker, WorkerReport
 from core.settings import Settings
@@ -151,7 +152,19 @@ def _clock(moment: datetime | None) -> str:
 
 
 def verify(conn: Conn, event: EventRecord, settings: Settings) -> VerifyReport:
-    return verify_event(conn, event, embedder_for_event(event, settings).key)
+    """Check the event's lists against the embedder in effect for it - the configured one,
+    or the local embedder when there is no key or the provider's breaker is open - as the
+    worker decides, and say which one that is and why."""
+    choice = effective_embedder(
+        event,
+        settings,
+        lambda key: repo.read_breaker(conn, key, settings.provider_probe_interval_s),
+    )
+    configured = embedder_for_event(event, settings)
+    key = configured.key if choice.effective == "openai" else LocalEmbedder().key
+    report = verify_event(conn, event, key)
+    report.embedder_reason = choice.reason
+    return report
 
 
 def recreate_event(conn: Conn, event: EventIn) -> EventRecord:

@@ -38,6 +38,8 @@ class VerifyReport:
     missing_vectors: list[str] = field(default_factory=list)
     stale_vectors: list[str] = field(default_factory=list)
     asymmetric_pairs: list[tuple[str, str]] = field(default_factory=list)
+    embedder_key: str = ""  # the embedder whose vectors the lists were checked against
+    embedder_reason: str = ""  # why that embedder is the one in effect (verify)
 
     @property
     def ok(self) -> bool:
@@ -47,7 +49,7 @@ class VerifyReport:
 
 
 def verify_event(conn: Conn, event: EventRecord, embedder_key: str) -> VerifyReport:
-    report = VerifyReport()
+    report = VerifyReport(embedder_key=embedder_key)
     with conn.cursor(row_factory=dict_row) as cur:
         members = cur.execute(
             query("oracle_members"), {"event_id": event.id, "embedder": embedder_key}

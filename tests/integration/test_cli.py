@@ -13,6 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from core.embedding.local import LocalEmbedder
 from tooling.synthetic import generate_profiles
 
 EVENT = "cli-ev"
@@ -141,6 +142,9 @@ def test_import_run_export_status_verify(db_url: str, tmp_path: Path) -> None:
     verified = cli(db_url, "verify", EVENT, cwd=tmp_path)
     assert verified.returncode == 0, verified.stdout
     assert f"verify: OK - {ATTENDEES} lists equal the brute-force top-k" in verified.stdout
+    # it says which embedder it checked against, and why that one is in effect
+    assert f"verify: against the embedder {LocalEmbedder().key}" in verified.stdout
+    assert "the event asks for the local embedder" in verified.stdout
 
 
 def test_verify_fails_and_names_the_user_of_a_corrupted_list(db_url: str, tmp_path: Path) -> None:

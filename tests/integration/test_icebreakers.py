@@ -8,6 +8,7 @@ import time
 import pytest
 from pydantic import SecretStr
 
+from core.api.status import event_status
 from core.data import repository as repo
 from core.data.repository import Conn
 from core.embedding.local import LocalEmbedder
@@ -124,3 +125,56 @@ def test_no_icebreakers_unless_the_event_asks(conn, openai_settings, fake_openai
     drain(conn, openai_settings)
     assert chat_calls(fake_openai) == 0
     assert all(m["icebreaker"] is None for m in all_matches(conn, event))
+
+
+def test_later_runs_catch_up_on_pairs_without_an_icebreaker_oldest_first(
+    conn, openai_settings, fake_openai
+):
+    """Given a budget of 10 chat calls per run and 36 final pairs, when the first run has
+    spent its budget, then each later run (with nothing queued) writes 10 more, taking
+    the oldest list entries first, until every pair has one; status shows the coverage;
+    a chat model that fails makes at most a few calls per run, and the pairs it failed
+    are caught up once it answers."""
+    cfg = openai_settings.model_copy(update={"icebreakers_per_run": 10})
+    event = add_attendees(
+        conn, "ice-4", generate_profiles(12, seed=34, id_prefix="c-"), icebreakers=True
+    )
+    drain(conn, cfg)
+    assert chat_calls(fake_openai) == 10
+    assert repo.icebreaker_coverage(conn, event.id) == (36, 10)
+
+    fake_openai.fail_all = {"status": 500}
+    drain(conn, cfg)  # nothing queued: only the catch-up, against a failing model
+    assert chat_calls(fake_openai) == 10 + 3  # stops after 3 failures in a row
+    assert repo.icebreaker_coverage(conn, event.id) == (36, 10)
+    fake_openai.fail_all = None
+
+    expected_order = conn.execute(
+        "SELECT m.profile_id, m.matched_profile_id FROM user_matches m"
+        " WHERE m.event_id = %s AND NOT EXISTS (SELECT 1 FROM icebreakers i"
+        " WHERE i.event_id = m.event_id AND i.profile_id = m.profile_id"
+        " AND i.matched_profile_id = m.matched_profile_id)"
+        " ORDER BY m.updated_at, m.event_id, m.profile_id, m.matched_profile_id LIMIT 10",
+        (event.id,),
+    ).fetchall()
+    drain(conn, cfg)
+    written = conn.execute(
+        "SELECT profile_id, matched_profile_id FROM icebreakers WHERE event_id = %s"
+        " ORDER BY created_at DESC LIMIT 10",
+        (event.id,),
+    ).fetchall()
+    assert sorted(written) == sorted(expected_order)
+    assert repo.icebreaker_coverage(conn, event.id) == (36, 20)
+
+    for _ in range(2):
+        drain(conn, cfg)
+    assert repo.icebreaker_coverage(conn, event.id) == (36, 36)
+    assert all(m["icebreaker"] for m in all_matches(conn, event))
+    calls = chat_calls(fake_openai)
+    drain(conn, cfg)  # nothing left to catch up: no call
+    assert chat_calls(fake_openai) == calls
+
+    status = event_status(conn, event, cfg, lambda: None)
+    assert status.icebreakers is not None
+    assert (status.icebreakers.pairs, status.icebreakers.with_icebreaker) == (36, 36)
+    assert status.icebreakers.ratio == 1.0

@@ -20,7 +20,7 @@ from core.embedding import openai_provider as oe
 from core.embedding.errors import EmbeddingError
 from core.embedding.local import LocalEmbedder
 from core.embedding.openai_provider import OpenAIEmbedder, profile_texts
-from core.embedding.selection import embedder_for_event
+from core.embedding.selection import effective_embedder, embedder_for_event
 from core.embedding.vectors import BLOCKS, quantize_blocks
 from core.models import EventRecord, Profile
 from core.queue.worker import Matchmaker
@@ -75,6 +75,10 @@ def drain(conn: Conn, worker: Matchmaker, **kwargs: Any) -> Any:
     report = worker.run(conn, deadline=time.monotonic() + 60, **kwargs)
     assert report.stopped == "drained"
     return report
+
+
+def breaker_of(conn: Conn, cfg: Settings) -> Any:
+    return lambda key: repo.read_breaker(conn, key, cfg.provider_probe_interval_s)
 
 
 def refreshed(conn: Conn, event: EventRecord) -> EventRecord:
@@ -380,14 +384,23 @@ def test_the_worker_matches_an_openai_event_and_reuses_its_vectors(conn, setting
     assert_exact(conn, event, key)
 
 
-def test_a_provider_outage_kills_only_its_users_and_a_redrive_recovers(
+def test_a_provider_outage_falls_back_to_local_and_switches_back_after_recovery(
     conn, settings, fake_openai, monkeypatch
 ):
-    """Given an API failing every request and max_attempts=2, when the queue drains, then
-    the "openai" event's users end dead with an embeddings-API error while a local event
-    is matched exactly; after the outage, mm_redrive and a drain make the event exact."""
+    """Given an API failing every request, max_attempts=1 and a breaker that opens on the
+    first fault, when the queue drains, then nobody goes dead: the "openai" event is
+    matched exactly with the local embedder as a whole after one failing request's
+    retries, while a local event is matched exactly; when the API is back, the next run's
+    probe closes the breaker and the event switches back to OpenAI, exact again."""
     monkeypatch.setattr(oe, "BACKOFF_BASE_S", 0.0)  # the embedder's own retries: no sleeping
-    cfg = openai_settings(settings, fake_openai, max_attempts=2, backoff_base_s=0.0)
+    cfg = openai_settings(
+        settings,
+        fake_openai,
+        max_attempts=1,
+        backoff_base_s=0.0,
+        provider_breaker_window_s=0.0,
+        provider_probe_interval_s=0.0,
+    )
     down = add_attendees(
         conn, "openai-down", generate_profiles(12, seed=31, id_prefix="dn-"), embedder="openai"
     )
@@ -397,23 +410,29 @@ def test_a_provider_outage_kills_only_its_users_and_a_redrive_recovers(
 
     report = drain(conn, worker)
 
-    rows = queue_rows(conn, down.id)
-    assert len(rows) == 12
-    assert {(r["status"], r["attempts"]) for r in rows} == {("dead", 2)}
-    assert all("embeddings API unavailable" in r["last_error"] for r in rows)
-    assert len(report.dead) == 12
-    assert "embeddings API" in repo.job_status(conn, down.id)["job"]["last_error"]
+    assert report.dead == []
+    assert queue_rows(conn, down.id) == []
+    assert report.breaker_open
+    assert (
+        fake_openai.calls["/v1/embeddings"] == OpenAIEmbedder(client_for(fake_openai)).max_attempts
+    )
+    assert_exact(conn, down, LocalEmbedder().key)
     assert queue_rows(conn, fine.id) == []
     assert_exact(conn, fine, LocalEmbedder().key)
-    assert all(matches == [] for matches in lists_of(conn, down.id).values())
+    choice = effective_embedder(down, cfg, breaker_of(conn, cfg))
+    assert (choice.configured, choice.effective, choice.breaker) == ("openai", "local", "open")
+    assert choice.since is not None and "HTTP 500" in choice.reason
 
     fake_openai.fail_all = None
     fake_openai.reset()
-    conn.execute("SELECT mm_redrive(%s)", (down.id,))
-    drain(conn, worker)
+    report = drain(conn, worker)
+    assert not report.breaker_open
     assert queue_rows(conn, down.id) == []
-    assert 0 < fake_openai.calls["/v1/embeddings"] <= 1
+    # the probe, then the event's one batch of 12 users
+    assert fake_openai.calls["/v1/embeddings"] == 2
+    assert embedder_for_event(down, cfg).key.startswith("openai:")
     assert_exact(conn, down, embedder_for_event(down, cfg).key)
+    assert effective_embedder(down, cfg, breaker_of(conn, cfg)).effective == "openai"
 
 
 def test_an_outage_does_not_multiply_requests(conn, settings, fake_openai, monkeypatch):

@@ -256,3 +256,113 @@ def test_the_key_can_come_from_secrets_manager(monkeypatch, secret):
     settings = settings_with(openai_secret_arn="arn:aws:secretsmanager:eu-west-1:1:secret:openai")
     assert embedding.openai_api_key(settings) == "sk-plain"
     assert isinstance(embedding.embedder_for_event(event("openai"), settings), OpenAIEmbedder)
+
+
+# --- classification: every provider outcome, once --------------------------------------
+
+
+_ERROR_CLASS: dict[int, type[openai.APIStatusError]] = {
+    400: openai.BadRequestError,
+    401: openai.AuthenticationError,
+    403: openai.PermissionDeniedError,
+    404: openai.NotFoundError,
+    413: openai.APIStatusError,
+    429: openai.RateLimitError,
+    500: openai.InternalServerError,
+    503: openai.InternalServerError,
+}
+
+
+def _status_error(status: int, body: dict[str, Any]) -> openai.APIStatusError:
+    """The SDK's exception for this status and error body (as it parses the body: the
+    inner "error" object), built without a transport."""
+    cls = _ERROR_CLASS[status]
+    error = cls.__new__(cls)
+    Exception.__init__(error, f"Error code: {status} - {body}")
+    error.message, error.body, error.status_code = str(body.get("message")), body, status
+    return error
+
+
+def _transport_error(cls: type[openai.APIConnectionError]) -> openai.APIConnectionError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, "Connection error.")
+    return error
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        (429, {"message": "slow down"}, "ProviderUnavailableError"),
+        (500, {"message": "boom"}, "ProviderUnavailableError"),
+        (503, {"message": "overloaded"}, "ProviderUnavailableError"),
+        (401, {"message": "Incorrect API key provided"}, "ProviderRejectedError"),
+        (403, {"message": "forbidden region"}, "ProviderRejectedError"),
+        (
+            404,
+            {"message": "The model `x` does not exist", "code": "model_not_found"},
+            "ProviderRejectedError",
+        ),
+        (400, {"message": "'dimensions' must be an integer"}, "ProviderRejectedError"),
+        (400, {"message": "invalid model ID", "param": "model"}, "ProviderRejectedError"),
+        (400, {"message": "too long", "code": "context_length_exceeded"}, "InputRejectedError"),
+        (400, {"message": "'$.input' rejected", "param": None}, "InputRejectedError"),
+        (400, {"message": "bad", "param": "input"}, "InputRejectedError"),
+        (413, {"message": "input too large"}, "InputRejectedError"),
+    ],
+)
+def test_every_status_is_classified_once(status: int, body: dict[str, Any], expected: str) -> None:
+    error = oe.classify(_status_error(status, body))
+    assert type(error).__name__ == expected
+    assert error.status == status
+    assert f"HTTP {status}" in str(error)
+
+
+def test_transport_and_body_failures_are_classified() -> None:
+    assert oe.classify(_transport_error(openai.APITimeoutError)).fault == "transient"
+    assert oe.classify(_transport_error(openai.APIConnectionError)).fault == "transient"
+    html = oe.classify(AttributeError("'str' object has no attribute 'data'"))
+    assert html.fault == "malformed" and "not an embeddings JSON object" in str(html)
+    assert oe.classify(ValueError("Expecting value")).fault == "malformed"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            "<html>502</html>",
+            "not an embeddings list (got a text body starting '<html>502</html>')",
+        ),
+        ([SimpleNamespace(index=0, embedding=[0.0] * 8)], "returned 1 vectors for 2 texts"),
+        (
+            [
+                SimpleNamespace(index=0, embedding=[0.0] * 8),
+                SimpleNamespace(index=0, embedding=[0.0] * 8),
+            ],
+            "indexes are not 0..1",
+        ),
+        (
+            [
+                SimpleNamespace(index=0, embedding=[0.0] * 9),
+                SimpleNamespace(index=1, embedding=[0.0] * 8),
+            ],
+            "a vector of 9 dimensions, expected 8",
+        ),
+        (
+            [
+                SimpleNamespace(index=0, embedding=[0.0] * 8),
+                SimpleNamespace(index=1, embedding=[float("nan")] + [0.0] * 7),
+            ],
+            "vector 1 has 1 NaN or infinite value(s)",
+        ),
+    ],
+    ids=["html-text", "wrong-count", "duplicate-index", "wrong-dimension", "nan"],
+)
+def test_malformed_answers_get_precise_messages(data: Any, message: str) -> None:
+    embedder = OpenAIEmbedder(
+        openai.OpenAI(api_key="k", base_url="http://127.0.0.1/v1"), dimensions=8
+    )
+    response = data if isinstance(data, str) else SimpleNamespace(data=data, usage=None)
+    with pytest.raises(oe.MalformedAnswerError) as raised:
+        embedder._vectors(response, 2)
+    assert message in str(raised.value)
+    assert raised.value.fault == "malformed"

@@ -191,6 +191,23 @@ class EmbedderOut(BaseModel):
     vectors_from: str | None = Field(
         description="embedder key of the event's stored vectors (null before any)"
     )
+    breaker: Literal["closed", "open"] | None = Field(
+        default=None,
+        description="the OpenAI provider's circuit breaker (null unless the event asks for "
+        "OpenAI and a key is configured); open: the local embedder serves the whole event",
+    )
+    since: datetime | None = Field(
+        default=None, description="when the breaker opened (null while it is closed)"
+    )
+
+
+class IcebreakersOut(BaseModel):
+    """Icebreaker coverage of the event's current lists (later runs fill in the pairs
+    still without one, oldest first, within ICEBREAKERS_PER_RUN)."""
+
+    pairs: int = Field(description="list entries")
+    with_icebreaker: int
+    ratio: float | None = Field(description="with_icebreaker / pairs; null without entries")
 
 
 class DeadLetterQueueOut(BaseModel):
@@ -209,6 +226,9 @@ class StatusOut(BaseModel):
     coverage: CoverageOut
     exposure: ExposureOut
     embedder: EmbedderOut
+    icebreakers: IcebreakersOut | None = Field(
+        default=None, description="null unless the event asks for icebreakers"
+    )
     dead_letter_queue: DeadLetterQueueOut
     throughput_per_min_5m: float = Field(description="users completed per minute, last 5 min")
     throughput_per_min_60m: float = Field(description="users completed per minute, last hour")

@@ -14,6 +14,7 @@ from core.api.schemas import (
     DeadLetterQueueOut,
     EmbedderOut,
     ExposureOut,
+    IcebreakersOut,
     JobState,
     QueueNowOut,
     StatusOut,
@@ -126,7 +127,19 @@ def event_status(
     queue = _queue(figures.queue)
     coverage = _coverage(figures.coverage, event.settings.k)
     state, reason = job_state(bool(job.get("paused")), queue, coverage)
-    choice = effective_embedder(event, settings)
+    choice = effective_embedder(
+        event,
+        settings,
+        lambda key: repo.read_breaker(conn, key, settings.provider_probe_interval_s),
+    )
+    icebreakers = None
+    if event.settings.icebreakers:
+        pairs, covered = repo.icebreaker_coverage(conn, event.id)
+        icebreakers = IcebreakersOut(
+            pairs=pairs,
+            with_icebreaker=covered,
+            ratio=round(covered / pairs, 6) if pairs else None,
+        )
     per_minute = repo.throughput(conn, event.id)
     return StatusOut(
         event=event.code,
@@ -147,7 +160,10 @@ def event_status(
             effective=choice.effective,
             reason=choice.reason,
             vectors_from=job.get("embedder_key"),
+            breaker=choice.breaker,
+            since=choice.since,
         ),
+        icebreakers=icebreakers,
         dead_letter_queue=DeadLetterQueueOut(depth=dead_letter_depth()),
         throughput_per_min_5m=per_minute["5m"],
         throughput_per_min_60m=per_minute["60m"],

@@ -589,3 +589,89 @@ def queue_overview(conn: Conn) -> list[dict[str, Any]]:
     and dead users, and whether the event is paused."""
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(query("status_queue_overview")).fetchall()
+
+
+# --- provider circuit breaker (0009) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BreakerRow:
+    """A provider configuration's circuit breaker as stored."""
+
+    state: str  # "closed" | "open"
+    reason: str | None
+    failing_since: datetime | None
+    opened_at: datetime | None
+    last_probe_at: datetime | None
+    probe_due: bool
+
+
+def defer(conn: Conn, deferrals: dict[int, str], lease_token: uuid.UUID, delay_s: float) -> int:
+    """Put leased rows back (pending after ~delay_s) without counting the attempt."""
+    if not deferrals:
+        return 0
+    row = conn.execute(
+        query("defer_rows"),
+        {
+            "queue_ids": list(deferrals),
+            "errors": list(deferrals.values()),
+            "lease_token": lease_token,
+            "delay_s": delay_s,
+        },
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def read_breaker(conn: Conn, config_key: str, probe_interval_s: float) -> BreakerRow | None:
+    row = conn.execute(
+        query("breaker_read"), {"config_key": config_key, "probe_interval_s": probe_interval_s}
+    ).fetchone()
+    return BreakerRow(*row) if row else None
+
+
+def record_provider_fault(
+    conn: Conn, config_key: str, *, permanent: bool, reason: str, window_s: float
+) -> tuple[str, str, datetime | None]:
+    """(state before, state after, opened at) of the breaker after this fault."""
+    row = conn.execute(
+        query("breaker_fault"),
+        {
+            "config_key": config_key,
+            "permanent": permanent,
+            "reason": reason[:2000],
+            "window_s": window_s,
+        },
+    ).fetchone()
+    assert row is not None
+    return str(row[0]), str(row[1]), row[2]
+
+
+def record_provider_success(conn: Conn, config_key: str) -> str | None:
+    """Close the breaker; the previous state when that changed anything, else None."""
+    row = conn.execute(query("breaker_success"), {"config_key": config_key}).fetchone()
+    return str(row[0]) if row else None
+
+
+def claim_breaker_probe(conn: Conn, config_key: str, probe_interval_s: float) -> bool:
+    row = conn.execute(
+        query("breaker_claim_probe"),
+        {"config_key": config_key, "probe_interval_s": probe_interval_s},
+    ).fetchone()
+    return row is not None
+
+
+def events_to_switch_back(conn: Conn, embedder_key: str) -> list[int]:
+    rows = conn.execute(query("events_to_switch_back"), {"embedder_key": embedder_key})
+    return [int(r[0]) for r in rows.fetchall()]
+
+
+def icebreakers_missing(conn: Conn, limit: int) -> list[tuple[int, int, int]]:
+    """(event id, owner, matched) of list entries without an icebreaker, oldest first."""
+    rows = conn.execute(query("icebreakers_missing"), {"limit": limit}).fetchall()
+    return [(int(e), int(o), int(m)) for e, o, m in rows]
+
+
+def icebreaker_coverage(conn: Conn, event_id: int) -> tuple[int, int]:
+    """(list entries, entries with an icebreaker) of the event."""
+    row = conn.execute(query("status_icebreakers"), {"event_id": event_id}).fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)

@@ -1,10 +1,14 @@
-"""Which embedder serves an event: OpenAI when the event asks for it and a key is
-configured, the local embedder otherwise. All vectors of an event come from one embedder
-(the worker re-embeds the event when its effective embedder changes)."""
+"""Which embedder serves an event: OpenAI when the event asks for it, a key is configured
+and the provider's circuit breaker (core.embedding.breaker) is closed; the local embedder
+otherwise. All vectors of an event come from one embedder (the worker re-embeds the event
+when its effective embedder changes)."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -23,6 +27,55 @@ from core.settings import Settings
 
 if TYPE_CHECKING:
     import openai
+
+    from core.embedding.openai_provider import OpenAIEmbedder
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+class BreakerView(Protocol):
+    """What the status needs of the provider's circuit breaker (core.queue.breaker)."""
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def reason(self) -> str | None: ...
+
+    @property
+    def failing_since(self) -> datetime | None: ...
+
+    @property
+    def opened_at(self) -> datetime | None: ...
+
+
+def openai_embedder_key(model: str, dimensions: int) -> str:
+    """The vectors' embedder key (quantisation is part of it: vectors from another scheme
+    must not mix)."""
+    return f"openai:{model}:d{dimensions}:q1"
+
+
+def configured_breaker_key(settings: Settings) -> str | None:
+    """The circuit breaker of this deployment's OpenAI configuration, without loading the
+    SDK; None without a key."""
+    key = openai_api_key(settings)
+    if not key:
+        return None
+    return provider_config_key(
+        settings.openai_embedding_model,
+        settings.openai_embedding_dimensions,
+        settings.openai_base_url,
+        key,
+    )
+
+
+def provider_config_key(model: str, dimensions: int, base_url: str | None, api_key: str) -> str:
+    """A provider configuration, whose circuit breaker is kept apart: model, dimensions,
+    endpoint and a fingerprint of the key (never the key itself), so a new key starts
+    with a fresh, closed breaker."""
+    fingerprint = hashlib.sha256(api_key.encode()).hexdigest()[:12]
+    endpoint = (base_url or DEFAULT_BASE_URL).rstrip("/")
+    return f"openai:{model}:d{dimensions}@{endpoint}#key-{fingerprint}"
 
 
 class Embedder(Protocol):
@@ -64,17 +117,27 @@ def openai_client(api_key: str, base_url: str | None) -> openai.OpenAI:
     return openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=0)
 
 
-def embedder_for_event(event: EventRecord, settings: Settings) -> Embedder:
-    if event.settings.embedder == "openai":
-        key = openai_api_key(settings)
-        if key:
-            from core.embedding.openai_provider import OpenAIEmbedder  # noqa: PLC0415
+def configured_openai_embedder(settings: Settings) -> OpenAIEmbedder | None:
+    """The OpenAI embedder of this deployment, or None without a key."""
+    key = openai_api_key(settings)
+    if not key:
+        return None
+    from core.embedding.openai_provider import OpenAIEmbedder  # noqa: PLC0415
 
-            return OpenAIEmbedder(
-                openai_client(key, settings.openai_base_url),
-                model=settings.openai_embedding_model,
-                dimensions=settings.openai_embedding_dimensions,
-            )
+    return OpenAIEmbedder(
+        openai_client(key, settings.openai_base_url),
+        model=settings.openai_embedding_model,
+        dimensions=settings.openai_embedding_dimensions,
+    )
+
+
+def embedder_for_event(event: EventRecord, settings: Settings) -> Embedder:
+    """The embedder the event is configured for (the worker swaps in the local embedder
+    while the provider's circuit breaker is open)."""
+    if event.settings.embedder == "openai":
+        embedder = configured_openai_embedder(settings)
+        if embedder is not None:
+            return embedder
         logger.warning(
             "event asks for OpenAI embeddings but no key is configured; using the local embedder",
             extra={"event": event.code},
@@ -89,11 +152,20 @@ class EmbedderChoice:
     configured: Literal["local", "openai"]
     effective: Literal["local", "openai"] | None  # None: the OpenAI secret cannot be read
     reason: str
+    # the provider's circuit breaker, when the event asks for OpenAI and a key is set
+    breaker: Literal["closed", "open"] | None = None
+    since: datetime | None = None  # when the breaker opened
 
 
-def effective_embedder(event: EventRecord, settings: Settings) -> EmbedderChoice:
+def effective_embedder(
+    event: EventRecord,
+    settings: Settings,
+    breaker_of: Callable[[str], BreakerView | None] | None = None,
+) -> EmbedderChoice:
     """Report (read-only) which embedder serves the event and why, by the same rule as
-    embedder_for_event: OpenAI when the event asks for it and a key is configured."""
+    the worker: OpenAI when the event asks for it, a key is configured and (given
+    `breaker_of`, which reads a configuration's breaker) the provider's circuit breaker
+    is closed."""
     configured = event.settings.embedder
     if configured != "openai":
         return EmbedderChoice(configured, "local", "the event asks for the local embedder")
@@ -113,12 +185,41 @@ def effective_embedder(event: EventRecord, settings: Settings) -> EmbedderChoice
             f"the event asks for OpenAI but {source} cannot be read "
             f"({type(exc).__name__}): its batches fail until it can",
         )
+    if key and breaker_of is not None:
+        breaker = breaker_of(
+            provider_config_key(
+                settings.openai_embedding_model,
+                settings.openai_embedding_dimensions,
+                settings.openai_base_url,
+                key,
+            )
+        )
+        if breaker is not None and breaker.state == "open":
+            return EmbedderChoice(
+                configured,
+                "local",
+                "the event asks for OpenAI but the provider's circuit breaker is open "
+                f"({breaker.reason}): the local embedder serves the whole event until a "
+                f"probe (every {settings.provider_probe_interval_s:g} s) succeeds",
+                breaker="open",
+                since=breaker.opened_at,
+            )
+        if breaker is not None and breaker.failing_since is not None:
+            return EmbedderChoice(
+                configured,
+                "openai",
+                f"the event asks for OpenAI; the provider has been failing since "
+                f"{breaker.failing_since.isoformat(timespec='seconds')} ({breaker.reason}); "
+                f"the breaker opens after {settings.provider_breaker_window_s:g} s of faults",
+                breaker="closed",
+            )
     if key:
         return EmbedderChoice(
             configured,
             "openai",
             f"the event asks for OpenAI ({settings.openai_embedding_model}, "
             f"{settings.openai_embedding_dimensions} dimensions) and {source} holds a key",
+            breaker="closed" if breaker_of is not None else None,
         )
     missing = (
         f"{source} holds no key"

@@ -3,6 +3,9 @@
 Only for the final top-k (the lists a batch just committed), cached per pair until either
 profile changes, bounded per run and by the run's deadline, and never able to block or
 fail the saving of a list: it runs after the batch committed and swallows its errors.
+What is left of a run's budget goes to list entries still without one (never asked, or
+the call failed), oldest first, so later runs catch up. A chat model that fails
+MAX_CONSECUTIVE_FAILURES times in a row is not called again in that run.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
     import openai
 
 MAX_CHARS = 300
+MAX_CONSECUTIVE_FAILURES = 3
 REQUEST_TIMEOUT_S = 10.0
 SYSTEM_PROMPT = (
     "You write one short, friendly sentence that one event attendee could use to start a "
@@ -59,6 +63,8 @@ class IcebreakerWriter:
         self.remaining = max_per_run
         self.written = 0
         self.failed = 0
+        self.failing = 0  # consecutive failures
+        self.attempted: set[tuple[int, int, int]] = set()  # (event, owner, matched)
 
     def pair_hash(self, owner: Profile, other: Profile) -> str:
         key = f"{self.model}|{content_hash(owner)}|{content_hash(other)}"
@@ -76,11 +82,15 @@ class IcebreakerWriter:
         for row in rows:
             if self.remaining <= 0 or (deadline is not None and deadline - time.monotonic() < 2):
                 return
+            if self.failing >= MAX_CONSECUTIVE_FAILURES:
+                return  # the chat model is down: no more calls this run
             owner, other = _profile(row, "owner"), _profile(row, "matched")
             digest = self.pair_hash(owner, other)
-            if row["pair_hash"] == digest:
+            pair = (event_id, row["owner_id"], row["matched_id"])
+            if row["pair_hash"] == digest or pair in self.attempted:
                 continue
             self.remaining -= 1
+            self.attempted.add(pair)
             try:
                 text = self._sentence(owner, other)
                 repo.store_icebreaker(
@@ -92,12 +102,17 @@ class IcebreakerWriter:
                     text=text,
                 )
                 self.written += 1
-            except Exception:  # an extra: log it, never fail the batch
+                self.failing = 0
+            except Exception as exc:  # an extra: log it, never fail the batch
                 self.failed += 1
+                self.failing += 1
                 logger.warning(
                     "icebreaker not written",
-                    exc_info=True,
-                    extra={"owner": owner.user_id, "matched": other.user_id},
+                    extra={
+                        "event_id": event_id,
+                        "status": getattr(exc, "status_code", None),
+                        "error": type(exc).__name__,
+                    },
                 )
 
     def _sentence(self, owner: Profile, other: Profile) -> str:

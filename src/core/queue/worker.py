@@ -21,14 +21,21 @@ import psycopg
 from core.data import repository as repo
 from core.data.conflicts import CONFLICT_ERRORS, retry_conflicts
 from core.data.repository import ClaimedRow, Conn, QueueOutcome
-from core.embedding.errors import ProviderUnavailableError
+from core.embedding.errors import OutOfTimeError, ProviderError
 from core.embedding.local import LocalEmbedder
-from core.embedding.selection import Embedder, embedder_for_event
+from core.embedding.selection import (
+    Embedder,
+    configured_breaker_key,
+    configured_openai_embedder,
+    embedder_for_event,
+    openai_embedder_key,
+)
 from core.embedding.vectors import content_hash
 from core.matching.engine import EventState, PreparedBatch
 from core.models import EventRecord, ListEntry, Profile
 from core.observability import logger
 from core.queue import loader
+from core.queue.breaker import ProviderBreaker
 from core.queue.icebreakers import IcebreakerWriter, icebreaker_writer
 from core.settings import Settings
 
@@ -66,8 +73,10 @@ class BatchResult:
     error: str | None = None
     # for the metrics: each completed newcomer's wait from enqueue to the list's commit
     newcomer_latencies_ms: list[float] = field(default_factory=list)
-    # users of an event that asks for OpenAI, embedded locally (no key configured)
+    # users of an event that asks for OpenAI, embedded locally (no key, breaker open)
     fallback_users: int = 0
+    # users put back after a provider fault, their attempt not counted
+    deferred: int = 0
 
 
 @dataclass
@@ -87,6 +96,9 @@ class StartedBatch:
     match_s: float = 0.0
     error: Exception | None = None
     fallback: bool = False
+    # a provider fault (or no time left) before the breaker opened: the whole batch goes
+    # back to the queue without counting the attempt
+    deferred: str | None = None
 
 
 @dataclass
@@ -102,9 +114,13 @@ class WorkerReport:
     elapsed_s: float = 0.0
     newcomer_latencies_ms: list[float] = field(default_factory=list)
     fallback_users: int = 0
+    deferred: int = 0
+    icebreakers_written: int = 0
+    breaker_open: bool = False
 
     def add(self, batch: BatchResult) -> None:
         self.batches += 1
+        self.deferred += batch.deferred
         self.newcomer_latencies_ms += batch.newcomer_latencies_ms
         self.fallback_users += batch.fallback_users
         self.claimed += batch.claimed
@@ -164,6 +180,14 @@ class Matchmaker:
         self.embedder_for: EmbedderFactory = embedder_for or (
             lambda event: embedder_for_event(event, settings)
         )
+        self.breaker = ProviderBreaker(settings)
+        # probes and switch-backs for the configured provider (tests that inject their
+        # own embedders manage the provider themselves)
+        self.provider_checks = embedder_for is None
+        # provider configurations that failed in this run (breaker still closed): their
+        # batches are deferred without a request until the run ends, so an outage costs
+        # one batch's attempts per run, not every batch's
+        self.provider_failed: dict[str, str] = {}
         self.deadline: float | None = None
         self.icebreakers: IcebreakerWriter | None = None
         self.worker_id = worker_id or default_worker_id()
@@ -208,6 +232,10 @@ class Matchmaker:
         report.dead.extend(newly_dead)
         if newly_dead and on_dead:
             on_dead(newly_dead)
+        self.provider_failed.clear()
+        self.icebreakers = None  # ICEBREAKERS_PER_RUN is a budget per run
+        if self.provider_checks:
+            self._check_provider(conn)
         slowest = 0.0  # of regular batches; bulk batches are sized to the time left
         size = batch_size or self.settings.batch_size
         # A run restricted to one event has nothing else to put first.
@@ -236,8 +264,64 @@ class Matchmaker:
                 on_dead(batch.dead)
             if on_batch:
                 on_batch(batch)
+        report.icebreakers_written = self._catch_up_icebreakers(conn)
+        if self.provider_checks:
+            report.breaker_open = self._breaker_state(conn)
         report.elapsed_s = time.monotonic() - started
         return report
+
+    def _check_provider(self, conn: Conn) -> None:
+        """At the start of a run: probe the provider if its breaker is open and a probe is
+        due; while it is closed, queue the events that fell back to switch back. (The SDK
+        is loaded only to probe.)"""
+        breaker_key = self._configured_breaker_key()
+        if breaker_key is None:
+            return
+        row = self.breaker.read(conn, breaker_key)
+        if row is not None and row.probe_due:
+            embedder = configured_openai_embedder(self.settings)
+            if embedder is not None:
+                self.breaker.probe_if_due(conn, embedder, self.deadline)
+                row = self.breaker.read(conn, breaker_key)
+        if row is None or row.state != "open":
+            self.breaker.switch_back(
+                conn,
+                openai_embedder_key(
+                    self.settings.openai_embedding_model,
+                    self.settings.openai_embedding_dimensions,
+                ),
+            )
+
+    def _configured_breaker_key(self) -> str | None:
+        try:
+            return configured_breaker_key(self.settings)
+        except Exception:  # the key cannot be read: batches say so; nothing to check
+            logger.warning("provider check skipped: the OpenAI key cannot be read", exc_info=True)
+            return None
+
+    def _breaker_state(self, conn: Conn) -> bool:
+        breaker_key = self._configured_breaker_key()
+        return breaker_key is not None and self.breaker.report_state(conn, breaker_key)
+
+    def _catch_up_icebreakers(self, conn: Conn) -> int:
+        """With what is left of the run's icebreaker budget: list entries that never got an
+        icebreaker (never asked, or the call failed), oldest first."""
+        if self.icebreakers is None:
+            self.icebreakers = icebreaker_writer(self.settings)
+        writer = self.icebreakers
+        if writer is None or writer.remaining <= 0:
+            return writer.written if writer else 0
+        try:
+            missing = repo.icebreakers_missing(conn, writer.remaining)
+        except psycopg.Error:
+            logger.exception("icebreaker catch-up skipped: cannot read the pairs")
+            return writer.written
+        by_event: dict[int, list[tuple[int, int]]] = {}
+        for event_id, owner, matched in missing:
+            by_event.setdefault(event_id, []).append((owner, matched))
+        for event_id, pairs in by_event.items():
+            writer.write(conn, event_id, pairs, self.deadline)
+        return writer.written
 
     def _claim_backlog(
         self, conn: Conn, event_id: int, claimed: int, remaining_s: float
@@ -288,11 +372,34 @@ class Matchmaker:
             started.event = event = repo.fetch_event_by_id(conn, event_id)
             if event is None:
                 raise LookupError(f"event {event_id} no longer exists")
-            started.embedder = embedder = self.embedder_for(event)
+            embedder = self.embedder_for(event)
+            breaker_key: str | None = getattr(embedder, "breaker_key", None)
+            if breaker_key and self.breaker.is_open(conn, breaker_key):
+                embedder = LocalEmbedder()  # the whole event, until a probe succeeds
+            elif breaker_key and breaker_key in self.provider_failed:
+                started.deferred = self.provider_failed[breaker_key]
+                return started
+            try:
+                started.ready = self._embed(conn, embedder, claimed, started.failures)
+            except ProviderError as exc:
+                if not (breaker_key and self.breaker.record_fault(conn, breaker_key, exc)):
+                    started.deferred = _short_error(exc)
+                    if breaker_key:
+                        self.provider_failed[breaker_key] = started.deferred
+                    return started
+                embedder = LocalEmbedder()  # it just opened: this batch falls back too
+                started.failures.clear()
+                started.ready = self._embed(conn, embedder, claimed, started.failures)
+            except OutOfTimeError as exc:
+                started.deferred = _short_error(exc)
+                return started
+            else:
+                if breaker_key and embedder.key.startswith("openai:"):
+                    self.breaker.record_success(conn, breaker_key)
+            started.embedder = embedder
             started.fallback = event.settings.embedder == "openai" and not embedder.key.startswith(
                 "openai:"
             )
-            started.ready = self._embed(conn, embedder, claimed, started.failures)
             started.embed_s = time.monotonic() - started.t0
             t_prepare = time.monotonic()
             ids = [row.profile_id for row in started.ready]
@@ -313,6 +420,8 @@ class Matchmaker:
         since it was scored, write the lists that differ, complete the rows."""
         claimed, failures = started.claimed, started.failures
         event_id = claimed[0].event_id
+        if started.deferred is not None and started.error is None:
+            return self._defer(conn, started, started.deferred)
         event, embedder, prepared = started.event, started.embedder, started.prepared
         if started.error is None and event and embedder and prepared:
             try:
@@ -408,6 +517,47 @@ class Matchmaker:
             error,
         )
 
+    def _defer(self, conn: Conn, started: StartedBatch, error: str) -> BatchResult:
+        """Put the whole batch back without counting the attempt (a provider fault is not
+        the users' fault; dead letters are for faults of one user)."""
+        claimed = started.claimed
+        logger.warning(
+            "batch deferred after a provider fault",
+            extra={"event_id": claimed[0].event_id, "users": len(claimed), "error": error[:300]},
+        )
+        # Not before this run ends: it sends the provider nothing more (provider_failed),
+        # so claiming the rows again now would only spin on the queue.
+        left_s = self.deadline - time.monotonic() if self.deadline is not None else 0.0
+        delay_s = max(self.settings.provider_defer_s, left_s)
+        with conn.transaction():
+            deferred = sum(
+                repo.defer(conn, {row.queue_id: error for row in rows}, token, delay_s)
+                for token, rows in by_lease(claimed).items()
+            )
+            repo.finish_batch(
+                conn,
+                event_id=claimed[0].event_id,
+                worker_id=self.worker_id,
+                started_at=started.started_at,
+                claimed=len(claimed),
+                completed=0,
+                failed=0,
+                dead=0,
+                lists_written=0,
+                error=error,
+            )
+        return BatchResult(
+            claimed[0].event_id,
+            len(claimed),
+            0,
+            0,
+            0,
+            [],
+            time.monotonic() - started.t0,
+            error,
+            deferred=deferred,
+        )
+
     def _write_icebreakers(
         self, conn: Conn, event_id: int, lists: dict[int, list[ListEntry]]
     ) -> None:
@@ -487,21 +637,35 @@ class Matchmaker:
         vectors: list[tuple[int, str, bytes, int]],
         errors: dict[int, str],
     ) -> None:
-        """Embed (profile id, profile, content hash) triples into `vectors`; failures go to
-        `errors` by profile id. A request the provider rejects is split in halves until
-        the culprits are alone: one bad profile among thousands costs about 2*log2(n)
-        extra requests, not one per user. A provider that is down fails them all at once:
-        splitting would only multiply the requests."""
+        """Embed (profile id, profile, content hash) triples into `vectors`; inputs the
+        provider rejects go to `errors` by profile id.
+
+        Only a rejected input (InputRejectedError, or an unclassified error of an embedder
+        that sends no requests, such as a local one failing on a profile) splits a
+        request: in halves until the
+        culprits are alone, within a budget of about 2*log2(n) + 4 requests per batch (one
+        bad profile among thousands costs ~2*log2(n) extra requests); users not isolated
+        within it fail this attempt and are narrowed down further on the next. Any other
+        fault (the provider is down, rejects the key, answers garbage; no time left)
+        propagates at once: splitting would only multiply the requests.
+        """
+        budget = 2 * max(1, math.ceil(math.log2(len(stale) + 1))) + 4
         pending = [stale]
         while pending:
             part = pending.pop()
+            if budget <= 0:
+                for pid, _, _ in part:
+                    errors[pid] = (
+                        "InputRejectedError: the provider rejected an input of this batch; "
+                        "not isolated within this attempt's request budget"
+                    )
+                continue
+            budget -= 1
             try:
                 embedded = embedder.embed([profile for _, profile, _ in part], self.deadline)
-            except ProviderUnavailableError as exc:
-                for pid, _, _ in [item for rest in [part, *pending] for item in rest]:
-                    errors[pid] = _short_error(exc)
-                return
-            except Exception as exc:
+            except (ProviderError, OutOfTimeError):
+                raise
+            except Exception as exc:  # InputRejectedError, or an embedder failing on input
                 if len(part) == 1:
                     errors[part[0][0]] = _short_error(exc)
                 else:
@@ -528,11 +692,14 @@ class Matchmaker:
         if stale:
             vectors: list[tuple[int, str, bytes, int]] = []
             errors: dict[int, str] = {}
-            self._embed_halving(embedder, stale, vectors, errors)
+            try:
+                self._embed_halving(embedder, stale, vectors, errors)
+            finally:  # what was embedded before a provider fault is kept
+                if vectors:
+                    with conn.transaction():
+                        repo.store_vectors(conn, embedder.key, vectors)
             for pid, error in errors.items():
                 failures[by_profile[pid].queue_id] = error
-            with conn.transaction():
-                repo.store_vectors(conn, embedder.key, vectors)
         return [row for row in claimed if row.queue_id not in failures]
 
 

@@ -534,3 +534,99 @@ SELECT e.code AS event,
   LEFT JOIN matchmaking_jobs j ON j.event_id = q.event_id
  GROUP BY e.code, j.status
  ORDER BY e.code
+
+-- name: defer_rows
+-- Put leased rows back after a provider fault without counting the attempt (0009).
+SELECT mm_defer(%(queue_ids)s, %(errors)s, %(lease_token)s, %(delay_s)s)
+
+-- name: breaker_read
+-- The provider configuration's circuit breaker, as of now (no row: closed, never failed).
+SELECT state, reason, failing_since, opened_at, last_probe_at,
+       state = 'open' AND (last_probe_at IS NULL
+           OR last_probe_at <= now() - make_interval(secs => %(probe_interval_s)s))
+           AS probe_due
+  FROM provider_breaker WHERE config_key = %(config_key)s
+
+-- name: breaker_fault
+-- Record a provider fault: a permanent one opens the breaker at once, transient ones once
+-- they have lasted window_s since the first fault after the last good answer. Returns the
+-- state before and after, for the transition log.
+WITH old AS (
+    SELECT state FROM provider_breaker WHERE config_key = %(config_key)s FOR UPDATE
+),
+upserted AS (
+INSERT INTO provider_breaker AS b (config_key, state, reason, failing_since, opened_at,
+                                   last_probe_at, updated_at)
+VALUES (%(config_key)s,
+        CASE WHEN %(permanent)s OR %(window_s)s <= 0 THEN 'open' ELSE 'closed' END,
+        %(reason)s, now(),
+        CASE WHEN %(permanent)s OR %(window_s)s <= 0 THEN now() END,
+        CASE WHEN %(permanent)s OR %(window_s)s <= 0 THEN now() END, now())
+ON CONFLICT (config_key) DO UPDATE
+   SET failing_since = coalesce(b.failing_since, now()),
+       state = CASE WHEN b.state = 'open' OR %(permanent)s
+                      OR coalesce(b.failing_since, now())
+                         <= now() - make_interval(secs => %(window_s)s)
+                    THEN 'open' ELSE 'closed' END,
+       opened_at = CASE WHEN b.state = 'open' THEN b.opened_at
+                        WHEN %(permanent)s OR coalesce(b.failing_since, now())
+                             <= now() - make_interval(secs => %(window_s)s)
+                        THEN now() END,
+       last_probe_at = CASE WHEN b.state = 'open' THEN b.last_probe_at
+                            WHEN %(permanent)s OR coalesce(b.failing_since, now())
+                                 <= now() - make_interval(secs => %(window_s)s)
+                            THEN now() END,
+       reason = %(reason)s, updated_at = now()
+RETURNING b.state, b.opened_at
+)
+SELECT coalesce((SELECT state FROM old), 'closed') AS was, u.state, u.opened_at
+  FROM upserted u
+
+-- name: breaker_success
+-- A good answer: close the breaker and forget the failures. Returns the previous state
+-- when something changed (nothing while it was already closed and healthy).
+UPDATE provider_breaker b
+   SET state = 'closed', reason = NULL, failing_since = NULL, opened_at = NULL,
+       updated_at = now()
+  FROM (SELECT config_key, state FROM provider_breaker
+         WHERE config_key = %(config_key)s FOR UPDATE) old
+ WHERE b.config_key = old.config_key AND (b.state = 'open' OR b.failing_since IS NOT NULL)
+RETURNING old.state AS was
+
+-- name: breaker_claim_probe
+-- One worker at a time probes an open breaker once per probe interval (half-open).
+UPDATE provider_breaker SET last_probe_at = now(), updated_at = now()
+ WHERE config_key = %(config_key)s AND state = 'open'
+   AND (last_probe_at IS NULL
+        OR last_probe_at <= now() - make_interval(secs => %(probe_interval_s)s))
+RETURNING config_key
+
+-- name: events_to_switch_back
+-- Events that ask for OpenAI whose stored vectors come from another embedder (a
+-- fallback) and that have nothing queued: they are queued whole to switch back.
+SELECT j.event_id
+  FROM matchmaking_jobs j JOIN events e ON e.id = j.event_id
+ WHERE e.embedder = 'openai' AND j.embedder_key IS NOT NULL
+   AND j.embedder_key <> %(embedder_key)s AND j.status <> 'paused'
+   AND NOT EXISTS (SELECT 1 FROM matchmaking_queue q
+                    WHERE q.event_id = j.event_id AND q.status IN ('pending', 'running'))
+
+-- name: icebreakers_missing
+-- Catch-up: list entries of events that want icebreakers and have none (never asked,
+-- or the call failed), oldest list entry first.
+SELECT m.event_id, m.profile_id AS owner_id, m.matched_profile_id AS matched_id
+  FROM user_matches m JOIN events e ON e.id = m.event_id
+ WHERE e.icebreakers
+   AND NOT EXISTS (SELECT 1 FROM icebreakers i
+                    WHERE i.event_id = m.event_id AND i.profile_id = m.profile_id
+                      AND i.matched_profile_id = m.matched_profile_id)
+ ORDER BY m.updated_at, m.event_id, m.profile_id, m.matched_profile_id
+ LIMIT %(limit)s
+
+-- name: status_icebreakers
+-- Icebreaker coverage of the event's current lists.
+SELECT count(*) AS pairs, count(i.profile_id) AS with_icebreaker
+  FROM user_matches m
+  LEFT JOIN icebreakers i ON i.event_id = m.event_id AND i.profile_id = m.profile_id
+       AND i.matched_profile_id = m.matched_profile_id
+ WHERE m.event_id = %(event_id)s
