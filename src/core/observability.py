@@ -4,6 +4,7 @@ dashboard in template.yaml and docs/reliability.md are checked against it."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.logging.formatter import LambdaPowertoolsFormatter
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.metrics.functions import is_metrics_disabled
+from aws_xray_sdk.core.models.entity import Entity
 
 from core.settings import get_settings
 
@@ -41,6 +43,15 @@ def scrub(value: Any) -> Any:
         return value
     # anything else (an exception in stack_trace, ...) would be serialised with str()
     return scrub(str(value))
+
+
+def _scrubbed_entity_json(entity: Entity) -> str:
+    return json.dumps(scrub(entity.to_dict()), default=str)
+
+
+# X-Ray records an exception's str() in a subsegment's cause (and Powertools the exception
+# itself as metadata): the same scrub on every segment and subsegment sent to the daemon.
+Entity.serialize = _scrubbed_entity_json
 
 
 class ScrubbingFormatter(LambdaPowertoolsFormatter):

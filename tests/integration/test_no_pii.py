@@ -258,3 +258,24 @@ def test_every_tracer_decorator_of_the_api_captures_no_response() -> None:
     assert decorators
     for name, arguments in decorators:
         assert arguments == "(capture_response=False)", f"@tracer.{name}{arguments}"
+
+
+def test_a_database_error_in_a_traced_route_reaches_x_ray_without_the_row(
+    api: Api, captured: Captured, monkeypatch: pytest.MonkeyPatch, db_url: str
+) -> None:
+    with psycopg.connect(db_url) as conn:
+        conn.execute("CREATE TABLE planted (bio text CHECK (length(bio) < 5))")
+        conn.commit()
+
+    def failing_put_attendee(*args: Any, **kwargs: Any) -> Any:
+        with psycopg.connect(db_url) as conn:
+            conn.execute("INSERT INTO planted VALUES (%s)", (PLANTED,))  # CheckViolation
+        raise AssertionError("the insert should have failed")
+
+    monkeypatch.setattr(core.api.service, "put_attendee", failing_put_attendee)
+    with pytest.raises(psycopg.errors.CheckViolation, match=PLANTED):
+        traced(api, request("put_attendee", body=planted_profile("Ada")))
+    traces = "\n".join(captured.segments)
+    assert "CheckViolation" in traces  # the error is traced: its type, not the row
+    assert PLANTED not in traces
+    assert PLANTED not in captured.logs.getvalue()
