@@ -183,7 +183,9 @@ def write(root: Path, uv: str, *, upgrade: bool) -> None:
             )
         )
         _compile(uv, specs["lambda-base"], base, "--constraint", str(constraints))
-    base.write_text(_header(specs["lambda-base"]) + base.read_text(encoding="utf-8"))
+        # the annotations name the scratch file: name its source instead (stable bytes)
+        resolved = base.read_text(encoding="utf-8").replace(str(constraints), "locks/lambda.txt")
+    base.write_text(_header(specs["lambda-base"]) + resolved)
     in_base = set(pins(base.read_text(encoding="utf-8")))
     matching = [
         entry
