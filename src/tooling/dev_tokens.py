@@ -12,6 +12,7 @@ Anything else is a TokenError (the server answers 401).
 The verifier is kept here rather than delegated to PyJWT: it refuses more than PyJWT does
 (duplicate JSON keys, non-base64url characters, any header key but alg/typ, booleans as
 NumericDates), and the local server then needs nothing beyond the standard library.
+Tests check that it and PyJWT (a dev dependency) agree on the tokens either one mints.
 
 The signing secret lives in the user's state directory (default_secret_path: under
 XDG_STATE_HOME, ~/.local/state on Linux), never beside a data directory that may sit in

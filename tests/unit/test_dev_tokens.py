@@ -8,10 +8,12 @@ import os
 import stat
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 
 import core.settings
@@ -197,3 +199,72 @@ def test_serve_prints_the_warning_before_it_starts(
     assert started and started[0]["host"] == "0.0.0.0"
     assert cli.main(["serve", "--host", "127.0.0.1", "--port", "0"]) == cli.EXIT_USAGE
     assert "WARNING" not in capsys.readouterr().err
+
+
+# --- interoperability with PyJWT (the reference implementation) ---------------------------
+
+
+def test_minted_tokens_verify_with_pyjwt_under_the_same_rules() -> None:
+    secret = b"s" * 64
+    for role, scope in devauth.ROLE_SCOPES.items():
+        claims = jwt.decode(
+            devauth.mint(secret, role, f"{role}-sub"),
+            secret,
+            algorithms=[devauth.ALGORITHM],
+            audience=devauth.AUDIENCE,
+            issuer=devauth.ISSUER,
+            leeway=devauth.LEEWAY_S,
+            options={"require": ["exp", "iat", "iss", "aud", "sub"], "strict_aud": True},
+        )
+        assert claims["scope"] == scope and claims["sub"] == f"{role}-sub"
+
+
+@pytest.mark.parametrize(
+    ("changes", "accepted"),
+    [
+        ({}, True),
+        ({"exp": -devauth.LEEWAY_S + 10}, True),  # expired, but within the leeway
+        ({"exp": -devauth.LEEWAY_S - 10}, False),
+        ({"nbf": devauth.LEEWAY_S + 60}, False),
+        ({"iss": "someone-else"}, False),
+        ({"aud": "another-api"}, False),
+    ],
+)
+def test_pyjwt_minted_tokens_get_the_same_verdict_from_both(
+    changes: dict[str, int | str], accepted: bool
+) -> None:
+    secret, now = b"k" * 64, int(time.time())
+    claims: dict[str, Any] = {
+        "iss": devauth.ISSUER,
+        "aud": devauth.AUDIENCE,
+        "sub": "u",
+        "iat": now,
+        "exp": now + 600,
+    }
+    for name, value in changes.items():
+        claims[name] = now + value if isinstance(value, int) else value
+    token = jwt.encode(claims, secret, algorithm="HS256")
+
+    def ours() -> bool:
+        try:
+            devauth.verify(secret, token, now=now)
+        except devauth.TokenError:
+            return False
+        return True
+
+    def pyjwt() -> bool:
+        try:
+            jwt.decode(
+                token,
+                secret,
+                algorithms=["HS256"],
+                audience=devauth.AUDIENCE,
+                issuer=devauth.ISSUER,
+                leeway=devauth.LEEWAY_S,
+            )
+        except jwt.InvalidTokenError:
+            return False
+        return True
+
+    assert ours() is accepted
+    assert pyjwt() is accepted
