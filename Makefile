@@ -6,13 +6,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench reliability install clean openapi invoke
+.PHONY: demo test lint typecheck unit bench reliability install clean openapi invoke \
+	lock lock-check audit
 
-$(STAMP): pyproject.toml
+# Everything from locks/dev.txt, every file checked against its hash (no resolver, no
+# newest-on-install-day), then the project itself, built with the locked setuptools.
+$(STAMP): pyproject.toml locks/dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required")'
+	@PYTHONPATH=src $(PYTHON) -m tooling.locks check
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --require-hashes -r locks/dev.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,7 +36,7 @@ unit: $(STAMP)
 
 # The SAM template is validated (cfn-lint), built without Docker and scanned by checkov on
 # every run: a broken template fails the tests like broken code does.
-test: lint typecheck sam-validate sam-build checkov
+test: lock-check lint typecheck sam-validate sam-build checkov audit
 	$(VENV)/bin/pytest -q
 
 # The reliability suite alone (it is also part of `make test`), with its figures printed.
@@ -56,3 +60,31 @@ clean:
 include mk/lambda.mk
 # `make invoke FUNCTION=ApiFunction EVENT=events/api/get_event.json`: sam local invoke (Docker).
 include mk/invoke.mk
+
+# The locks (locks/*.txt, see src/tooling/locks.py): `make lock` re-resolves them after a
+# change to pyproject.toml or to mk/lambda.mk's layer groups, keeping every pin that still
+# fits; `make lock UPGRADE=1` takes the newest versions allowed. `make lock-check` fails
+# when a lock no longer matches its inputs (`make test` runs it first).
+UV_VERSION ?= 0.13.9
+PIP_AUDIT_VERSION ?= 2.10.1
+UV := $(TOOLS_DIR)/uv/bin/uv
+PIP_AUDIT := $(TOOLS_DIR)/pip-audit/bin/pip-audit
+
+$(UV):
+	$(TOOLS_PYTHON) -m venv $(TOOLS_DIR)/uv
+	$(TOOLS_DIR)/uv/bin/python -m pip install --quiet uv==$(UV_VERSION)
+
+$(PIP_AUDIT):
+	$(TOOLS_PYTHON) -m venv $(TOOLS_DIR)/pip-audit
+	$(TOOLS_DIR)/pip-audit/bin/python -m pip install --quiet pip-audit==$(PIP_AUDIT_VERSION)
+
+lock: $(UV)
+	PYTHONPATH=src $(PYTHON) -m tooling.locks write --uv $(UV) $(if $(UPGRADE),--upgrade)
+
+lock-check:
+	PYTHONPATH=src $(PYTHON) -m tooling.locks check
+
+# Known vulnerabilities (PyPI's advisory data, through pip-audit) in the dev and Lambda
+# locks; skipped with a message when PyPI cannot be reached.
+audit: $(PIP_AUDIT)
+	PYTHONPATH=src $(PYTHON) -m tooling.locks audit --pip-audit $(PIP_AUDIT)

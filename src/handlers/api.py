@@ -269,7 +269,7 @@ def _no_content() -> Response[str]:
 
 
 @app.post("/events", responses=answers({201: "created", 200: "exists, same settings"}, 409))
-@tracer.capture_method
+@tracer.capture_method(capture_response=False)
 def create_event(body: EventIn) -> Response[EventOut]:
     out = service.create_event(_conn(), _principal(), body)
     return Response(201 if out.created else 200, "application/json", out)
@@ -281,7 +281,7 @@ def get_event(code: Code) -> EventOut:
 
 
 @app.put("/events/<code>/attendees/<user_id>", responses=answers({200: "upserted"}, 404))
-@tracer.capture_method
+@tracer.capture_method(capture_response=False)
 def put_attendee(code: Code, user_id: UserIdPath, body: AttendeeIn) -> AttendeeOut:
     out = service.put_attendee(_conn(), _principal(), code, user_id, body, wake=_wake)
     metrics.add_metric(name=MetricName.ATTENDEES_UPSERTED, unit=MetricUnit.Count, value=1)
@@ -313,7 +313,7 @@ START_SUCCESS = {202: "queued; the queue status right after the enqueue"}
 
 
 @app.post("/events/<code>/matchmaking", responses=answers(TRIGGER_SUCCESS, 404, 409))
-@tracer.capture_method
+@tracer.capture_method(capture_response=False)
 def trigger_matchmaking(code: Code, body: TriggerIn) -> Response[EnqueueOut]:
     """The original trigger-matchmaking: queue by default, legacy synchronous mode."""
     return _trigger(code, body)
@@ -396,7 +396,7 @@ def redrive(code: Code) -> RedriveOut:
 
 
 @app.post("/trigger-matchmaking", responses=answers(TRIGGER_SUCCESS, 404, 409))
-@tracer.capture_method
+@tracer.capture_method(capture_response=False)
 def seed_trigger_matchmaking(body: SeedTriggerIn) -> Response[EnqueueOut]:
     """The seed's trigger-matchmaking edge function: POST /events/{code}/matchmaking with
     the event code and the user ids in camelCase in the body."""
@@ -427,7 +427,7 @@ def openapi_document() -> dict[str, Any]:
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP)
-@tracer.capture_lambda_handler
+@tracer.capture_lambda_handler(capture_response=False)
 @metrics.log_metrics
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     try:

@@ -42,7 +42,7 @@ from tooling.local_runs import (
     recreate_event,
     verify,
 )
-from tooling.local_stack import READ_TIMEOUT_S, LocalStack
+from tooling.local_stack import READ_TIMEOUT_S, LocalStack, exposure_warning
 from tooling.oracle import VerifyReport
 from tooling.smoke import SmokeUsageError, run_smoke
 from tooling.synthetic import generate_profiles
@@ -348,13 +348,18 @@ def cmd_latency(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    stack = LocalStack(
-        settings,
-        host=args.host,
-        port=args.port,
-        schedule_s=args.schedule_seconds,
-        read_timeout_s=args.read_timeout_seconds,
-    )
+    if warning := exposure_warning(args.host):
+        print(warning, file=sys.stderr, flush=True)
+    try:
+        stack = LocalStack(
+            settings,
+            host=args.host,
+            port=args.port,
+            schedule_s=args.schedule_seconds,
+            read_timeout_s=args.read_timeout_seconds,
+        )
+    except devauth.SecretFileError as exc:
+        raise CliError(str(exc)) from exc
     stack.start()
     admin = devauth.mint(stack.secret, "admin", "local-admin")
     service = devauth.mint(stack.secret, "service", "local-app")
@@ -406,7 +411,10 @@ def cmd_smoke(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_token(args: argparse.Namespace, settings: Settings) -> int:
-    secret = devauth.load_secret(settings.pgdata.parent / "dev-token-secret")
+    try:
+        secret = devauth.load_secret()  # the one `serve` uses
+    except devauth.SecretFileError as exc:
+        raise CliError(str(exc)) from exc
     print(devauth.mint(secret, args.role, args.sub, ttl_s=int(args.ttl_hours * 3600)))
     return EXIT_OK
 
@@ -508,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host",
         default="127.0.0.1",
-        help="interface to listen on (default 127.0.0.1: never public by default)",
+        help="interface to listen on (default 127.0.0.1: never public by default; "
+        "anything beyond loopback gets a warning)",
     )
     p.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     p.add_argument(

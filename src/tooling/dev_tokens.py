@@ -7,7 +7,17 @@ exactly three base64url segments; a JSON-object header naming HS256 and nothing 
 points at another key (no `kid`, `jwk`, `jku`, `x5u`, `x5c`, `crit`); a valid signature;
 a JSON-object payload with our issuer and audience; `exp` a number in the future; `nbf`
 and `iat`, when present, numbers not in the future. Clock checks allow LEEWAY_S of skew.
-Anything else is a TokenError (the server answers 401)."""
+Anything else is a TokenError (the server answers 401).
+
+The verifier is kept here rather than delegated to PyJWT: it refuses more than PyJWT does
+(duplicate JSON keys, non-base64url characters, any header key but alg/typ, booleans as
+NumericDates), and the local server then needs nothing beyond the standard library.
+Tests check that it and PyJWT (a dev dependency) agree on the tokens either one mints.
+
+The signing secret lives in the user's state directory (default_secret_path: under
+XDG_STATE_HOME, ~/.local/state on Linux), never beside a data directory that may sit in
+/tmp. It is created atomically with mode 0600 and refused when another user owns it or
+anyone else may read or write it."""
 
 from __future__ import annotations
 
@@ -16,8 +26,11 @@ import hashlib
 import hmac
 import json
 import math
+import os
 import re
 import secrets
+import stat
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,8 +47,17 @@ _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")  # unpadded, as RFC 7515 requires
 _SIGNATURE_BYTES = hashlib.sha256().digest_size
 
 
+SECRET_FILE = "dev-token-secret"  # noqa: S105 (a file name, not a secret)
+SECRET_MODE = 0o600
+SECRET_MIN_BYTES = 32
+
+
 class TokenError(ValueError):
     """The token is malformed, wrongly signed, expired or not yet valid."""
+
+
+class SecretFileError(RuntimeError):
+    """The signing secret's file cannot be trusted (owner, mode, type) or is unusable."""
 
 
 def _b64(data: bytes) -> str:
@@ -86,14 +108,73 @@ def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
     return float(value)
 
 
-def load_secret(path: Path) -> bytes:
-    """The signing secret, created on first use (kept beside the local data, mode 600)."""
-    if path.exists():
-        return path.read_bytes().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_hex(32).encode()
-    path.write_bytes(secret)
-    path.chmod(0o600)
+def state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The user's state directory for matchmaker: $XDG_STATE_HOME/matchmaker (an absolute
+    path, as the XDG spec requires), else ~/.local/state/matchmaker; the platform's
+    equivalent on macOS and Windows."""
+    env = os.environ if environ is None else environ
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "matchmaker"
+    if sys.platform == "win32":
+        return Path(env.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local") / "matchmaker"
+    configured = env.get("XDG_STATE_HOME", "")
+    base = Path(configured) if os.path.isabs(configured) else Path.home() / ".local" / "state"
+    return base / "matchmaker"
+
+
+def default_secret_path(environ: Mapping[str, str] | None = None) -> Path:
+    return state_dir(environ) / SECRET_FILE
+
+
+def load_secret(path: Path | None = None) -> bytes:
+    """The signing secret, created on first use (default: default_secret_path()).
+
+    Created atomically: written to a private temporary file (O_CREAT|O_EXCL, mode 0600)
+    then published with link(), which fails if the secret exists - so a concurrent first
+    use never sees a partial file and never overwrites the winner's secret."""
+    path = path or default_secret_path()
+    if not os.path.lexists(path):
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        secret = secrets.token_hex(32).encode()
+        scratch = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+        descriptor = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_MODE)
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(secret)
+            os.link(scratch, path)
+        except FileExistsError:
+            pass  # another process created it first: use theirs
+        finally:
+            scratch.unlink(missing_ok=True)
+    return _trusted_secret(path)
+
+
+def _trusted_secret(path: Path) -> bytes:
+    """The secret in path, after checking that only this user owns and can use the file."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:  # a symlink (ELOOP), a directory, no permission, ...
+        raise SecretFileError(f"cannot open the dev-token secret {path}: {exc}") from exc
+    with os.fdopen(descriptor, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise SecretFileError(f"the dev-token secret {path} is not a regular file")
+        if hasattr(os, "getuid"):  # POSIX: owner and mode mean something
+            if info.st_uid != os.getuid():
+                raise SecretFileError(
+                    f"the dev-token secret {path} belongs to uid {info.st_uid}, not to you "
+                    f"(uid {os.getuid()}): remove it, a new one is created"
+                )
+            if info.st_mode & 0o077:
+                raise SecretFileError(
+                    f"the dev-token secret {path} has mode {stat.S_IMODE(info.st_mode):04o}: "
+                    f"others may read it; remove it (a new one is created) or `chmod 600` it"
+                )
+        secret = file.read().strip()
+    if len(secret) < SECRET_MIN_BYTES:
+        raise SecretFileError(
+            f"the dev-token secret {path} is shorter than {SECRET_MIN_BYTES} bytes: remove it"
+        )
     return secret
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import ipaddress
 import json
 import logging
 import multiprocessing
@@ -778,6 +779,22 @@ class WakeConsumer:
             )
 
 
+def exposure_warning(host: str) -> str | None:
+    """A warning when `serve --host` listens beyond this machine's loopback interface, None
+    when every address the host name resolves to is a loopback one."""
+    try:
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
+        addresses = set()
+    if addresses and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        return None
+    return (
+        f"WARNING: serving on {host}, beyond loopback: anyone who can reach this port can "
+        "call the API with a dev token, and the local server has no TLS. Use it only on a "
+        "network you trust; the default, 127.0.0.1, is local only."
+    )
+
+
 class LocalStack:
     def __init__(
         self,
@@ -798,9 +815,8 @@ class LocalStack:
         self.host = host
         self.port = port
         self.schedule_s = schedule_s
-        self.secret = devauth.load_secret(
-            secret_path or settings.pgdata.parent / "dev-token-secret"
-        )
+        # in the user's state directory, never beside MATCHMAKER_PGDATA (which may be /tmp)
+        self.secret = devauth.load_secret(secret_path or devauth.default_secret_path())
         self.api_workers = api_workers or settings.api_workers
         self.moto: Any = None
         self.http: LocalHTTPServer | None = None

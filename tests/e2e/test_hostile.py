@@ -749,7 +749,7 @@ def hostile(pg_server_uri: str, template_db: str) -> Iterator[Hostile]:
     env = {**os.environ, "DATABASE_URL": url, "MATCHMAKER_API_WORKERS": "2"}
     server = launch(env, workdir, "--read-timeout-seconds", str(READ_TIMEOUT_S))
     try:
-        secret = devauth.load_secret(server.pgdata.parent / "dev-token-secret")
+        secret = devauth.load_secret(devauth.default_secret_path(server.env))
         ctx = Context(secret, server.admin)
         port = int(server.url.rsplit(":", 1)[1])
         yield Hostile(server, url, port, ctx)

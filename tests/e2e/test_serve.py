@@ -149,7 +149,13 @@ def stop(server: Server) -> int:
 def launch(env: dict[str, str], workdir: Path, *options: str) -> Server:
     """Start `matchmaker serve --port 0` with this environment (and these serve options);
     fail the test unless it prints its URL and both tokens within START_TIMEOUT_S."""
-    env = {**env, "MATCHMAKER_PGDATA": str(workdir / "pgdata"), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **env,
+        "MATCHMAKER_PGDATA": str(workdir / "pgdata"),
+        # the dev-token secret goes to the user's state directory: a private one per server
+        "XDG_STATE_HOME": str(workdir / "state"),
+        "PYTHONUNBUFFERED": "1",
+    }
     cmd = [sys.executable, "-m", "tooling.cli", "serve", "--port", "0", "--schedule-seconds", "1"]
     cmd += options
     with (workdir / "stderr.log").open("w") as stderr:

@@ -1,6 +1,6 @@
 """The Lambda artifacts, built for real: reproducible bytes, and only what each one needs.
 
-The checkout's build inputs (Makefile, mk/, pyproject.toml, src/, db/) are copied into two
+The checkout's build inputs (Makefile, mk/, pyproject.toml, locks/, src/, db/) are copied into two
 temporary folders, and each copy runs `make build-<LogicalId> ARTIFACTS_DIR=...` for both
 layers and all four functions, as `sam build` does (one make per target, every
 ARTIFACTS_DIR a sibling, so the layers share one pip install per build). The second copy
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 SAM_PYTHON = ROOT / ".tools" / "sam" / "bin" / "python"
-BUILD_INPUTS = ("Makefile", "mk", "pyproject.toml", "src", "db")
+BUILD_INPUTS = ("Makefile", "mk", "pyproject.toml", "locks", "src", "db")
 FUNCTIONS = tuple(EXPECTED_LAYERS)
 LAYERS = ("BaseLayer", "MatchingLayer")
 # Lambda's limit for a function plus all its layers, unzipped.

@@ -268,7 +268,7 @@ def test_serve_under_concurrent_load(db_url: str) -> None:
     try:
         created = call(server, "POST", "/events", server.service, {"code": CODE, "name": "Load"})
         assert created.status == 201, created.text
-        secret = devauth.load_secret(server.pgdata.parent / "dev-token-secret")
+        secret = devauth.load_secret(devauth.default_secret_path(server.env))
 
         start = threading.Event()
         load_started = time.monotonic()

