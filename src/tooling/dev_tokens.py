@@ -2,17 +2,20 @@
 
 The local server verifies them and hands their claims to the handlers exactly as API
 Gateway's JWT authorizer would, so local runs exercise the same authorisation code as
-production (roles from scopes, attendees by `sub`). The checks follow that authorizer:
-exactly three base64url segments; a JSON-object header naming HS256 and nothing that
-points at another key (no `kid`, `jwk`, `jku`, `x5u`, `x5c`, `crit`); a valid signature;
-a JSON-object payload with our issuer and audience; `exp` a number in the future; `nbf`
-and `iat`, when present, numbers not in the future. Clock checks allow LEEWAY_S of skew.
-Anything else is a TokenError (the server answers 401).
+production (roles from scopes, attendees by `sub`). Tokens are minted and verified with
+PyJWT (the dev extra, imported when first needed): `jwt.decode` checks the HS256 signature,
+the issuer, the audience, that `exp`, `iss`, `aud` and `sub` are present, and `exp`, `nbf`
+and `iat` against the clock with LEEWAY_S of skew. Before it, structural checks PyJWT does
+not make: exactly three strict base64url segments (no padding, nothing outside the
+alphabet); a JSON-object header of `alg` HS256 and optionally `typ` JWT, nothing that
+points at another key (no `kid`, `jwk`, `jku`, `x5u`, `x5c`, `crit`); JSON objects without
+duplicate keys or NaN/Infinity. After it, the checks where PyJWT is weaker: `sub` a
+non-empty string, and `exp`, `nbf`, `iat` JSON numbers (PyJWT passes them through int(),
+which accepts booleans and numeric strings and truncates fractions) compared exactly with
+the leeway. Anything else is a TokenError (the server answers 401).
 
-The verifier is kept here rather than delegated to PyJWT: it refuses more than PyJWT does
-(duplicate JSON keys, non-base64url characters, any header key but alg/typ, booleans as
-NumericDates), and the local server then needs nothing beyond the standard library.
-Tests check that it and PyJWT (a dev dependency) agree on the tokens either one mints.
+`sign` is kept as a plain HMAC signer so tests can build tokens whatever their header or
+claims say (tokens the verifier must refuse).
 
 The signing secret lives in the user's state directory (default_secret_path: under
 XDG_STATE_HOME, ~/.local/state on Linux), never beside a data directory that may sit in
@@ -34,6 +37,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 ISSUER = "matchmaker-local"
@@ -50,6 +54,7 @@ _SIGNATURE_BYTES = hashlib.sha256().digest_size
 SECRET_FILE = "dev-token-secret"  # noqa: S105 (a file name, not a secret)
 SECRET_MODE = 0o600
 SECRET_MIN_BYTES = 32
+MISSING_DEV_EXTRA = "matchmaker serve and token need the dev extra: pip install -e '.[dev]'"
 
 
 class TokenError(ValueError):
@@ -58,6 +63,19 @@ class TokenError(ValueError):
 
 class SecretFileError(RuntimeError):
     """The signing secret's file cannot be trusted (owner, mode, type) or is unusable."""
+
+
+class DevExtraMissingError(ImportError):
+    """PyJWT (the dev extra) is not installed."""
+
+
+def _pyjwt() -> ModuleType:
+    # PyJWT is a dev extra: import it only when a token is minted or checked.
+    try:
+        import jwt  # noqa: PLC0415
+    except ImportError as exc:
+        raise DevExtraMissingError(MISSING_DEV_EXTRA) from exc
+    return jwt
 
 
 def _b64(data: bytes) -> str:
@@ -103,9 +121,13 @@ def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims[name]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TokenError(f"{name} is not a number")
-    if isinstance(value, float) and not math.isfinite(value):
+    try:
+        moment = float(value)
+    except OverflowError:  # an integer beyond float range
+        raise TokenError(f"{name} is out of range") from None
+    if not math.isfinite(moment):
         raise TokenError(f"{name} is not a number")
-    return float(value)
+    return moment
 
 
 def state_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -190,6 +212,7 @@ def sign(secret: bytes, claims: Mapping[str, Any], header: Mapping[str, Any] | N
 def mint(secret: bytes, role: str, subject: str, ttl_s: int = DEFAULT_TTL_S) -> str:
     if role not in ROLE_SCOPES:
         raise TokenError(f"unknown role {role!r}; use admin, service or attendee")
+    jwt = _pyjwt()
     now = int(time.time())
     claims = {
         "iss": ISSUER,
@@ -199,11 +222,12 @@ def mint(secret: bytes, role: str, subject: str, ttl_s: int = DEFAULT_TTL_S) -> 
         "exp": now + ttl_s,
         "scope": ROLE_SCOPES[role],
     }
-    return sign(secret, claims)
+    token: str = jwt.encode(claims, secret, algorithm=ALGORITHM, headers={"typ": "JWT"})
+    return token
 
 
-def verify(secret: bytes, token: str, *, now: float | None = None) -> dict[str, str]:
-    """The token's claims, as API Gateway's authorizer passes them (strings)."""
+def _check_structure(token: str) -> dict[str, Any]:
+    """The payload, after the checks PyJWT does not make (segments, header, strict JSON)."""
     segments = token.split(".")
     if len(segments) != 3:
         raise TokenError("malformed token: a JWT has three segments")
@@ -213,16 +237,53 @@ def verify(secret: bytes, token: str, *, now: float | None = None) -> dict[str, 
         raise TokenError(f"unexpected algorithm: only {ALGORITHM} is accepted")
     if not header.keys() <= HEADER_KEYS or header.get("typ", "JWT") != "JWT":
         raise TokenError("unexpected header: only alg and typ (JWT) are accepted")
-    signature = _unb64(signature_text)
-    expected = hmac.new(secret, f"{header_text}.{payload_text}".encode(), hashlib.sha256)
-    if len(signature) != _SIGNATURE_BYTES or not hmac.compare_digest(expected.digest(), signature):
+    if len(_unb64(signature_text)) != _SIGNATURE_BYTES:
         raise TokenError("bad signature")
-    claims = _json_object(payload_text, "payload")
-    if claims.get("iss") != ISSUER:
-        raise TokenError("wrong issuer")
-    audience = claims.get("aud")
-    if audience != AUDIENCE and not (isinstance(audience, list) and AUDIENCE in audience):
-        raise TokenError("wrong audience")
+    return _json_object(payload_text, "payload")
+
+
+def verify(secret: bytes, token: str, *, now: float | None = None) -> dict[str, str]:
+    """The token's claims, as API Gateway's authorizer passes them (strings).
+
+    `now` pins the clock (tests): PyJWT reads the real clock, so then only our own clock
+    checks apply; without it both PyJWT's and ours do."""
+    jwt = _pyjwt()
+    claims = _check_structure(token)
+    pinned = now is not None
+    try:
+        jwt.decode(
+            token,
+            secret,
+            algorithms=[ALGORITHM],
+            audience=AUDIENCE,
+            issuer=ISSUER,
+            leeway=LEEWAY_S,
+            options={
+                "require": ["exp", "iss", "aud", "sub"],
+                "verify_signature": True,
+                "verify_iss": True,
+                "verify_aud": True,
+                "verify_sub": True,
+                "verify_exp": not pinned,
+                "verify_nbf": not pinned,
+                "verify_iat": not pinned,
+            },
+        )
+    except jwt.ExpiredSignatureError as exc:
+        raise TokenError("expired") from exc
+    except jwt.ImmatureSignatureError as exc:
+        raise TokenError("not yet valid (nbf or iat is in the future)") from exc
+    except jwt.InvalidSignatureError as exc:
+        raise TokenError("bad signature") from exc
+    except jwt.InvalidIssuerError as exc:
+        raise TokenError("wrong issuer") from exc
+    except jwt.InvalidAudienceError as exc:
+        raise TokenError("wrong audience") from exc
+    except jwt.MissingRequiredClaimError as exc:
+        raise TokenError(f"no {exc.claim} claim") from exc
+    except jwt.PyJWTError as exc:
+        raise TokenError(f"rejected: {exc}") from exc
+    # Where PyJWT is weaker: it int()s the dates (booleans, numeric strings, truncation).
     if not isinstance(claims.get("sub"), str) or not claims["sub"]:
         raise TokenError("no subject")
     current = time.time() if now is None else now

@@ -1,6 +1,7 @@
 """The dev-token secret (created atomically with mode 0600 in the user's state directory,
-refused when its owner or mode is wrong) and the warning when `serve` listens beyond
-loopback. The verifier's rules are tested in tests/e2e/test_hostile.py."""
+refused when its owner or mode is wrong), the warning when `serve` listens beyond
+loopback, and that tokens are minted and verified through PyJWT (with our stricter
+checks kept). The verifier's rules are tested in tests/e2e/test_hostile.py."""
 
 from __future__ import annotations
 
@@ -268,3 +269,112 @@ def test_pyjwt_minted_tokens_get_the_same_verdict_from_both(
 
     assert ours() is accepted
     assert pyjwt() is accepted
+
+
+# --- verification goes through PyJWT ----------------------------------------------------------
+
+
+def _valid_claims(**changes: Any) -> dict[str, Any]:
+    now = int(time.time())
+    claims = {"iss": devauth.ISSUER, "aud": devauth.AUDIENCE, "sub": "u", "iat": now}
+    return {**claims, "exp": now + 600, **changes}
+
+
+def test_verify_delegates_signature_and_registered_claims_to_pyjwt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    secret = b"d" * 64
+    token = devauth.mint(secret, "service", "app")
+    calls: list[dict[str, Any]] = []
+    real_decode = jwt.decode
+
+    def recording_decode(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", recording_decode)
+    assert devauth.verify(secret, token)["sub"] == "app"
+    (kwargs,) = calls
+    assert kwargs["algorithms"] == ["HS256"] and kwargs["leeway"] == devauth.LEEWAY_S
+    assert (kwargs["audience"], kwargs["issuer"]) == (devauth.AUDIENCE, devauth.ISSUER)
+    assert set(kwargs["options"]["require"]) == {"exp", "iss", "aud", "sub"}
+    assert kwargs["options"]["verify_signature"] is True
+
+    def refusing_decode(*args: Any, **kwargs: Any) -> Any:
+        raise jwt.InvalidTokenError("refused by PyJWT")
+
+    monkeypatch.setattr(jwt, "decode", refusing_decode)
+    with pytest.raises(devauth.TokenError, match="refused by PyJWT"):
+        devauth.verify(secret, token)
+
+
+def test_pyjwt_refusals_become_token_errors() -> None:
+    """Tokens with a valid HMAC that a plain HMAC-and-compare check let through (an audience
+    list with a non-string) or that PyJWT refuses with its own exceptions."""
+    secret = b"e" * 64
+    cases = {
+        "wrong audience": _valid_claims(aud=[devauth.AUDIENCE, 5]),
+        "wrong issuer": _valid_claims(iss=[devauth.ISSUER]),
+        "expired": _valid_claims(exp=int(time.time()) - devauth.LEEWAY_S - 5),
+        "not yet valid": _valid_claims(nbf=int(time.time()) + devauth.LEEWAY_S + 60),
+    }
+    for message, claims in cases.items():
+        token = devauth.sign(secret, claims)
+        with pytest.raises(devauth.TokenError, match=message):
+            devauth.verify(secret, token)
+        with pytest.raises(jwt.PyJWTError):  # PyJWT itself refuses it too
+            jwt.decode(
+                token,
+                secret,
+                algorithms=["HS256"],
+                audience=devauth.AUDIENCE,
+                issuer=devauth.ISSUER,
+                leeway=devauth.LEEWAY_S,
+            )
+
+
+LENIENT_FOR_PYJWT: dict[str, tuple[dict[str, Any], dict[str, Any] | None]] = {
+    "exp-string": ({"exp": str(2**40)}, None),
+    "iat-bool": ({"iat": True}, None),
+    "exp-beyond-float": ({"exp": 10**400}, None),
+    "sub-empty": ({"sub": ""}, None),
+    "kid-header": ({}, {"alg": "HS256", "kid": "k"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LENIENT_FOR_PYJWT))
+def test_checks_stricter_than_pyjwt_still_apply(case: str) -> None:
+    """PyJWT accepts these (it int()s the dates, allows an empty sub and a kid): we do not."""
+    secret = b"f" * 64
+    changes, header = LENIENT_FOR_PYJWT[case]
+    token = devauth.sign(secret, _valid_claims(**changes), header)
+    jwt.decode(
+        token,
+        secret,
+        algorithms=["HS256"],
+        audience=devauth.AUDIENCE,
+        issuer=devauth.ISSUER,
+        leeway=devauth.LEEWAY_S,
+    )  # PyJWT's verdict: fine
+    with pytest.raises(devauth.TokenError):
+        devauth.verify(secret, token)
+
+
+def test_minted_tokens_have_exactly_the_expected_header() -> None:
+    token = devauth.mint(b"g" * 64, "admin", "a")
+    assert jwt.get_unverified_header(token) == {"alg": "HS256", "typ": "JWT"}
+
+
+def test_a_missing_pyjwt_is_named_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = b"h" * 64
+    token = devauth.mint(secret, "admin", "a")
+    monkeypatch.setitem(sys.modules, "jwt", None)  # `import jwt` now raises ImportError
+    for call in (
+        lambda: devauth.mint(secret, "admin", "a"),
+        lambda: devauth.verify(secret, token),
+    ):
+        with pytest.raises(devauth.DevExtraMissingError) as caught:
+            call()
+        assert str(caught.value) == (
+            "matchmaker serve and token need the dev extra: pip install -e '.[dev]'"
+        )
