@@ -565,6 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ImportFormatError,
         MigrationError,
         DatabaseUnavailableError,
+        devauth.DevExtraMissingError,  # serve and token without the dev extra (PyJWT)
         OSError,  # missing file, a directory, no permission
     ) as exc:
         print(f"matchmaker: {exc}", file=sys.stderr)

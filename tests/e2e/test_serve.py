@@ -54,6 +54,7 @@ STATUS_KEYS = {
     "coverage",
     "exposure",
     "embedder",
+    "icebreakers",
     "dead_letter_queue",
     "throughput_per_min_5m",
     "throughput_per_min_60m",

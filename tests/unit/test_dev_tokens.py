@@ -378,3 +378,18 @@ def test_a_missing_pyjwt_is_named_with_the_fix(monkeypatch: pytest.MonkeyPatch) 
         assert str(caught.value) == (
             "matchmaker serve and token need the dev extra: pip install -e '.[dev]'"
         )
+
+
+def test_the_cli_names_a_missing_pyjwt_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`matchmaker token` without PyJWT: exit 2 and the fix, not a traceback."""
+    from tooling.cli import EXIT_USAGE, main  # noqa: PLC0415 - the CLI's own imports
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "jwt", None)
+    assert main(["token", "--role", "admin", "--sub", "ops"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "matchmaker: matchmaker serve and token need the dev extra: pip install -e '.[dev]'"
+    )
