@@ -346,6 +346,7 @@ INTERNAL_CHECKS = {
     "matchmaking_queue_check": "a lease token exactly while running, set by the worker",
     "matchmaking_queue_status_check": "queue states are set by the worker and redrive",
     "profile_vectors_check": "vectors are written by the embedder",
+    "provider_breaker_state_check": "the circuit breaker's state is set by the worker",
     "profile_vectors_dims_check": "vectors are written by the embedder",
     "user_matches_check": "lists are written by the engine, which never lists oneself",
     "user_matches_rank_check": "ranks 1..k come from the engine, k at most 10",
