@@ -17,6 +17,21 @@ from core.models import EventIn, EventRecord, EventSettings, Profile
 from tooling.local_runs import import_profiles
 from tooling.oracle import verify_event
 
+# The tables of the application's data (the migrations also create the ledger and the
+# provider breaker's state).
+APP_TABLES = (
+    "events",
+    "profiles",
+    "attendees",
+    "profile_vectors",
+    "dismissals",
+    "user_matches",
+    "matchmaking_queue",
+    "matchmaking_jobs",
+    "matchmaking_batches",
+    "icebreakers",
+)
+
 
 def queue_rows(conn: Conn, event_id: int | None = None) -> list[dict[str, Any]]:
     """Every queue row (with user_id), oldest first."""

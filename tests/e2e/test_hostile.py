@@ -40,6 +40,7 @@ from psycopg import sql
 
 from tests.conftest import database_uri
 from tests.e2e.test_serve import Server, call, launch, stop, wait_drained
+from tests.helpers import APP_TABLES
 from tooling import dev_tokens as devauth
 from tooling.local_stack import (
     MAX_HEADER_BYTES,
@@ -54,18 +55,7 @@ CLIENT_TIMEOUT_S = 15.0  # longer than any server timeout: reaching it means a h
 MAX_BODY_BYTES = 256 * 1024  # handlers.api.MAX_BODY_BYTES (checked below)
 EVENT = "hostile-ev"
 USERS = ("hst-a", "hst-b", "hst-c")
-SNAPSHOT_TABLES = (
-    "events",
-    "profiles",
-    "attendees",
-    "profile_vectors",
-    "dismissals",
-    "user_matches",
-    "matchmaking_queue",
-    "matchmaking_jobs",
-    "matchmaking_batches",
-    "icebreakers",
-)
+SNAPSHOT_TABLES = APP_TABLES
 
 
 # --- routes ----------------------------------------------------------------------------

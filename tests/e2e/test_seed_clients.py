@@ -5,26 +5,17 @@ and reads the matches it asked for."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from core.api.schemas import StartOut, StatusOut
-from tests.conftest import database_uri
 from tests.e2e.test_serve import (
     Server,
-    _drop_database,
-    _fresh_database,
-    _stop_orphaned_postgres,
     call,
-    launch,
     make_event,
     matches_of,
-    stop,
+    own_server,
     wait_drained,
 )
 
@@ -32,22 +23,8 @@ from tests.e2e.test_serve import (
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
     """One `matchmaker serve` for the module, as tests/e2e/test_serve.py starts it."""
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    session_url = os.environ.get("DATABASE_URL")
-    database = None
-    if session_url:
-        database = _fresh_database(session_url)
-        env["DATABASE_URL"] = database_uri(session_url, database)
-    workdir = Path(tempfile.mkdtemp(prefix="matchmaker-seed-e2e-"))
-    srv = launch(env, workdir)
-    try:
+    with own_server("matchmaker-seed-e2e-") as srv:
         yield srv
-    finally:
-        if stop(srv) == -9:
-            _stop_orphaned_postgres(srv.pgdata)
-        if database is not None and session_url:
-            _drop_database(session_url, database)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_a_seed_client_triggers_synchronously_reads_matches_and_starts_matching(

@@ -10,6 +10,7 @@ writing nothing, and a clean shutdown on Ctrl-C (SIGINT). The shutdown test runs
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -198,15 +199,17 @@ def launch(env: dict[str, str], workdir: Path, *options: str) -> Server:
     return srv
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
+@contextlib.contextmanager
+def own_server(prefix: str) -> Iterator[Server]:
+    """`matchmaker serve` on data of its own (a temporary MATCHMAKER_PGDATA, or a fresh
+    database on the session's DATABASE_URL server), stopped and cleaned up after."""
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     session_url = os.environ.get("DATABASE_URL")
     database = None
     if session_url:  # the session's server, but a database of our own (CREATEDB needed)
         database = _fresh_database(session_url)
         env["DATABASE_URL"] = database_uri(session_url, database)
-    workdir = Path(tempfile.mkdtemp(prefix="matchmaker-e2e-"))
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
     srv = launch(env, workdir)
     try:
         yield srv
@@ -216,6 +219,12 @@ def server() -> Iterator[Server]:
         if database is not None and session_url:
             _drop_database(session_url, database)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    with own_server("matchmaker-e2e-") as srv:
+        yield srv
 
 
 # --- HTTP --------------------------------------------------------------------------------

@@ -5,24 +5,15 @@ weights works, and hostile bodies are 4xx with the error shape, writing nothing.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import database_uri
 from tests.e2e.test_serve import (
     Server,
-    _drop_database,
-    _fresh_database,
-    _stop_orphaned_postgres,
     call,
-    launch,
     make_event,
-    stop,
+    own_server,
 )
 from tooling.synthetic import generate_profiles
 
@@ -31,22 +22,8 @@ CODE = "e2e-bodies"
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    session_url = os.environ.get("DATABASE_URL")
-    database = None
-    if session_url:
-        database = _fresh_database(session_url)
-        env["DATABASE_URL"] = database_uri(session_url, database)
-    workdir = Path(tempfile.mkdtemp(prefix="matchmaker-e2e-bodies-"))
-    srv = launch(env, workdir)
-    try:
+    with own_server("matchmaker-e2e-bodies-") as srv:
         yield srv
-    finally:
-        if stop(srv) == -9:
-            _stop_orphaned_postgres(srv.pgdata)
-        if database is not None and session_url:
-            _drop_database(session_url, database)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_the_settings_patch_with_weights_answers_200_and_is_stored(server: Server) -> None:

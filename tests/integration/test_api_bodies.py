@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -36,10 +36,7 @@ from tests.integration.api_support import (
     ADA,
     GRACE,
     Api,
-    AwsFakes,
     Reply,
-    api_for,
-    aws_fakes,
     load_event,
     request,
     snapshot,
@@ -80,18 +77,6 @@ BODYLESS_ROUTES = [
     "admin_dead_letters",
     "admin_redrive",
 ]
-
-
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[AwsFakes]:
-    with aws_fakes() as shared:
-        yield shared
-
-
-@pytest.fixture
-def api(monkeypatch: pytest.MonkeyPatch, db_url: str, fakes: AwsFakes) -> Iterator[Api]:
-    with api_for(monkeypatch, db_url, fakes) as configured:
-        yield configured
 
 
 @pytest.fixture

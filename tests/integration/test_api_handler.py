@@ -16,7 +16,6 @@ import base64
 import json
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -45,13 +44,10 @@ from tests.integration.api_support import (
     TABLES,
     WORKER_FUNCTION,
     Api,
-    AwsFakes,
     Invocation,
-    api_for,
     as_admin,
     as_attendee,
     as_service,
-    aws_fakes,
     claims_of,
     load_event,
     request,
@@ -108,20 +104,6 @@ INJECTION_CODE = "x'; DROP TABLE events;--"
 
 
 # --- fixtures and helpers ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[AwsFakes]:
-    with aws_fakes() as shared:
-        yield shared
-
-
-@pytest.fixture
-def api(monkeypatch: pytest.MonkeyPatch, db_url: str, fakes: AwsFakes) -> Iterator[Api]:
-    """handlers.api on this test's database: DATABASE_URL set, the settings cache and the
-    handler's cached connection cleared before and after, moto for SQS and Lambda."""
-    with api_for(monkeypatch, db_url, fakes) as configured:
-        yield configured
 
 
 def set_env(monkeypatch: pytest.MonkeyPatch, **values: str | None) -> None:

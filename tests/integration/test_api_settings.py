@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +27,6 @@ from tests.integration.api_support import (
     CODE,
     GRACE,
     WORKER_FUNCTION,
-    Api,
-    AwsFakes,
-    api_for,
-    aws_fakes,
     load_event,
     request,
     snapshot,
@@ -52,18 +48,6 @@ STORED_SETTINGS = """
     SELECT k, exclude_same_company, embedder, icebreakers, weight_interests AS interests,
            weight_complement AS complementarity, weight_bio AS bio
     FROM events WHERE code = %s"""
-
-
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[AwsFakes]:
-    with aws_fakes() as shared:
-        yield shared
-
-
-@pytest.fixture
-def api(monkeypatch: pytest.MonkeyPatch, db_url: str, fakes: AwsFakes) -> Iterator[Api]:
-    with api_for(monkeypatch, db_url, fakes) as configured:
-        yield configured
 
 
 def join_both(conn: Conn) -> EventRecord:

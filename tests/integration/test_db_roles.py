@@ -38,24 +38,12 @@ from core.data.migrations import (
 )
 from core.queue.worker import Matchmaker, default_embedder
 from core.settings import Settings
-from tests.helpers import add_attendees, queue_rows
+from tests.helpers import APP_TABLES, add_attendees, queue_rows
 from tests.integration.api_support import AWS_ENV
 from tooling.oracle import verify_event
 from tooling.synthetic import generate_profiles
 
 ROLES = ("matchmaker_api", "matchmaker_worker")
-APP_TABLES = (
-    "events",
-    "profiles",
-    "attendees",
-    "profile_vectors",
-    "dismissals",
-    "user_matches",
-    "matchmaking_queue",
-    "matchmaking_jobs",
-    "matchmaking_batches",
-    "icebreakers",
-)
 
 # Statements each role must never be able to run, whatever bug the code has. Every one
 # would succeed as the owner (the test checks that too, so a typo cannot pass as refused).

@@ -24,21 +24,11 @@ from core.data.migrations import (
     default_migrations_dir,
     migrate,
 )
+from tests.helpers import APP_TABLES
 
 MIGRATIONS = default_migrations_dir()
 FILES = sorted(p.name for p in MIGRATIONS.glob("*.sql"))
-TABLES = {
-    "events",
-    "profiles",
-    "attendees",
-    "profile_vectors",
-    "dismissals",
-    "user_matches",
-    "matchmaking_queue",
-    "matchmaking_jobs",
-    "matchmaking_batches",
-    "schema_migrations",
-}
+TABLES = {*APP_TABLES, "schema_migrations"}
 
 
 @pytest.fixture

@@ -30,9 +30,6 @@ from tests.integration.api_support import (
     EVENTS_API,
     GRACE,
     Api,
-    AwsFakes,
-    api_for,
-    aws_fakes,
     request,
 )
 
@@ -91,18 +88,6 @@ class EverythingHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.into.append(logging.Formatter().format(record))
-
-
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[AwsFakes]:
-    with aws_fakes() as shared:
-        yield shared
-
-
-@pytest.fixture
-def api(monkeypatch: pytest.MonkeyPatch, db_url: str, fakes: AwsFakes) -> Iterator[Api]:
-    with api_for(monkeypatch, db_url, fakes) as configured:
-        yield configured
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,13 +31,10 @@ from tests.integration.api_support import (
     GRACE,
     WORKER_FUNCTION,
     Api,
-    AwsFakes,
     Invocation,
-    api_for,
     as_admin,
     as_attendee,
     as_service,
-    aws_fakes,
     load_event,
     request,
     snapshot,
@@ -57,18 +53,6 @@ AGE_TOLERANCE_S = 30.0
 
 
 # --- fixtures and helpers ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[AwsFakes]:
-    with aws_fakes() as shared:
-        yield shared
-
-
-@pytest.fixture
-def api(monkeypatch: pytest.MonkeyPatch, db_url: str, fakes: AwsFakes) -> Iterator[Api]:
-    with api_for(monkeypatch, db_url, fakes) as configured:
-        yield configured
 
 
 def set_env(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:

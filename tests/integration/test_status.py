@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,25 +37,13 @@ from core.models import EventIn, EventRecord, EventSettings, Profile
 from core.queue.worker import Matchmaker, WorkerReport
 from core.settings import Settings
 from tests.helpers import PoisonEmbedder, add_attendees
-from tests.integration.api_support import CODE, Api, AwsFakes, api_for, aws_fakes, request
+from tests.integration.api_support import CODE, request
 from tooling.local_runs import import_profiles
 from tooling.synthetic import generate_profiles
 
 pytestmark = pytest.mark.filterwarnings("ignore:No application metrics to publish:UserWarning")
 
 VOLATILE = ("oldest_pending_age_s",)  # grows between two reads
-
-
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[AwsFakes]:
-    with aws_fakes() as shared:
-        yield shared
-
-
-@pytest.fixture
-def api(monkeypatch: pytest.MonkeyPatch, db_url: str, fakes: AwsFakes) -> Iterator[Api]:
-    with api_for(monkeypatch, db_url, fakes) as configured:
-        yield configured
 
 
 def status_of(conn: Conn, event: EventRecord, settings: Settings, depth: int | None = None) -> Any:

@@ -24,7 +24,6 @@ from tests.integration.api_support import (
     Api,
     AwsFakes,
     api_for,
-    aws_fakes,
     request,
     reset_handler_state,
 )
@@ -37,12 +36,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:No application metrics to publis
 
 K = 3  # create_event.json's k
 OTHER = "devsummit-2026"
-
-
-@pytest.fixture(scope="module")
-def fakes() -> Iterator[AwsFakes]:
-    with aws_fakes() as shared:
-        yield shared
 
 
 @pytest.fixture
