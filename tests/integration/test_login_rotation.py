@@ -41,6 +41,7 @@ from core.data.migrations import ensure_login_user, migrate, scram_verifier
 from core.observability import logger
 from core.settings import Settings
 from handlers import rotate_login
+from tests.conftest import EVENTS_DIR
 from tests.integration.api_support import AWS_ENV, FakeLambdaContext
 
 DATABASE = "rotation"
@@ -380,15 +381,17 @@ def test_no_password_reaches_the_logs(
     assert new not in text
 
 
-def test_the_request_model_reads_the_secrets_manager_event() -> None:
-    request = RotationRequest.model_validate(
-        {"SecretId": "arn", "ClientRequestToken": "t", "Step": "testSecret", "RotationToken": "x"}
-    )
-    assert (request.secret_id, request.token, request.step) == (
-        "arn",
-        "t",
-        login_rotation.RotationStep.TEST,
-    )
+def test_the_committed_sample_events_are_the_four_steps() -> None:
+    """events/rotate_login/*.json (for `make invoke FUNCTION=RotateLoginFunction`) read as
+    Secrets Manager's events; keys Secrets Manager may add are ignored."""
+    found = {}
+    for path in sorted((EVENTS_DIR / "rotate_login").glob("*.json")):
+        event = json.loads(path.read_text(encoding="utf-8"))
+        request = RotationRequest.model_validate({**event, "RotationToken": "ignored"})
+        assert path.stem == request.step.value
+        found[request.step] = request
+    assert set(found) == set(login_rotation.RotationStep)
+    assert len({(r.secret_id, r.token) for r in found.values()}) == 1  # one rotation
 
 
 # --- the functions: a refused cached password is read again, once ----------------------------

@@ -24,6 +24,8 @@ verifier, and a failed login is reported by its SQLSTATE only.
 from __future__ import annotations
 
 import json
+import secrets
+import string
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
@@ -42,6 +44,7 @@ CURRENT = "AWSCURRENT"
 PENDING = "AWSPENDING"
 PREVIOUS = "AWSPREVIOUS"
 PASSWORD_LENGTH = 40  # as the template's GenerateSecretString
+PASSWORD_ALPHABET = string.ascii_letters + string.digits  # nothing to escape anywhere
 APPLICATION_NAME = "matchmaker-rotate-login"
 
 
@@ -121,6 +124,12 @@ def rotate(
     return finish_secret(client, request, versions)
 
 
+def new_password(length: int = PASSWORD_LENGTH) -> str:
+    """Letters and digits from the OS's CSPRNG (40 characters: about 238 bits), made here
+    rather than by GetRandomPassword, an action IAM grants only on Resource "*"."""
+    return "".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(length))
+
+
 def create_secret(client: Any, request: RotationRequest) -> str:
     """A new password in the AWSPENDING version, unless this token already has one."""
     current = _credentials(client, request.secret_id, stage=CURRENT)
@@ -130,9 +139,7 @@ def create_secret(client: Any, request: RotationRequest) -> str:
         pass
     else:
         return "pending version already created"
-    password = client.get_random_password(
-        PasswordLength=PASSWORD_LENGTH, ExcludePunctuation=True, RequireEachIncludedType=True
-    )["RandomPassword"]
+    password = new_password()
     client.put_secret_value(
         SecretId=request.secret_id,
         ClientRequestToken=request.token,
