@@ -30,6 +30,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 import core.aws
 import core.settings
+import handlers.migrate
 from core.data import login_rotation
 from core.data.connections import (
     ConnectionCache,
@@ -43,6 +44,7 @@ from core.settings import Settings
 from handlers import rotate_login
 from tests.conftest import EVENTS_DIR
 from tests.integration.api_support import AWS_ENV, FakeLambdaContext
+from tests.unit.test_layers import loaded_after_import
 
 DATABASE = "rotation"
 STEPS = ("createSecret", "setSecret", "testSecret", "finishSecret")
@@ -379,6 +381,39 @@ def test_no_password_reaches_the_logs(
     assert "rotation step done" in text and "login refused" in text
     assert old not in text
     assert new not in text
+
+
+@pytest.mark.usefixtures("handler_env")
+def test_a_deploy_after_a_rotation_keeps_the_rotated_password(
+    password_server: PasswordServer,
+    secretsmanager: Any,
+    secret: str,
+    login: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The migrate function sets each login's password from AWSCURRENT on every deploy:
+    after a rotation, that is the rotated one (and a deploy mid-rotation would put back
+    the current one, which setSecret replaces again)."""
+    user, old = login
+    token = start_rotation(secretsmanager, secret)
+    for name in STEPS:
+        step(secret, token, name)
+    new = value(secretsmanager, secret)["password"]
+    monkeypatch.setenv("DATABASE_URL", password_server.superuser_uri)
+    monkeypatch.setenv("DB_API_SECRET_ARN", secret)
+    monkeypatch.delenv("DB_WORKER_SECRET_ARN", raising=False)
+    core.settings.get_settings.cache_clear()
+    core.aws.secrets.clear()
+
+    handlers.migrate.apply_migrations()
+
+    assert password_server.can_login(user, new)
+    assert not password_server.can_login(user, old)
+
+
+def test_the_rotation_handler_loads_neither_numpy_nor_openai() -> None:
+    """It runs with BaseLayer only (mk/lambda.mk, the template)."""
+    assert loaded_after_import("handlers.rotate_login") == (False, False)
 
 
 def test_the_committed_sample_events_are_the_four_steps() -> None:
