@@ -201,8 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"rds-ca: no RDS CA bundle at {args.path}: connections to a DB instance "
                 f"(without RDS Proxy, and the login rotation) will fail until you {MAKE_HINT} "
                 "and build again; `make deploy` refuses without it",
-                file=sys.stderr,
-            )
+            )  # stdout: `sam build` shows a build's stdout, not its stderr
             return 0
         print(f"rds-ca: {args.path}: {check_file(args.path).summary()}")
         return 0
