@@ -14,6 +14,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from core import aws
+from core.observability import logger
 from core.settings import Settings
 
 EMBEDDED_DATABASE = "matchmaker"
@@ -150,9 +151,9 @@ def missing_trust_root_message(root: Path) -> str:
     if root.name == RDS_CA_BUNDLE.name:
         # never a weaker fallback: the build must ship the bundle
         message += (
-            ". A DB instance reached without RDS Proxy presents a certificate from the RDS "
-            "CAs: run `make rds-ca` (downloads and checks the RDS CA bundle) before "
-            "`sam build`, then deploy again"
+            ". A DB instance reached directly (without RDS Proxy, and always by the login "
+            "rotation) presents a certificate from the RDS CAs: run `make rds-ca` (downloads "
+            "and checks the RDS CA bundle) before `sam build`, then deploy again"
         )
     return message
 
@@ -182,6 +183,7 @@ def connect_from_settings(settings: Settings, application_name: str) -> psycopg.
         )
         if not from_secret or not is_authentication_failure(exc):
             raise
+    logger.info("the database refused the cached password: reading the secret again")
     aws.secrets.invalidate(settings.db_secret_arn or "")
     return connect(resolve_database_url(settings), settings, application_name)
 
