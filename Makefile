@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck unit bench reliability install clean openapi invoke \
-	lock lock-check audit
+	lock lock-check audit rds-ca rds-ca-check deploy
 
 # Everything from locks/dev.txt, every file checked against its hash (no resolver, no
 # newest-on-install-day), then the project itself, built with the locked setuptools.
@@ -88,3 +88,18 @@ lock-check:
 # locks; skipped with a message when PyPI cannot be reached.
 audit: $(PIP_AUDIT)
 	PYTHONPATH=src $(PYTHON) -m tooling.locks audit --pip-audit $(PIP_AUDIT)
+
+# The RDS CA bundle (a DB instance's certificates chain to it; docs/deploy.md "Trust roots"):
+# `make rds-ca` downloads it over HTTPS, validates it and writes $(RDS_CA_BUNDLE)
+# (git-ignored; the build ships it). `make deploy` refuses to deploy without a valid one:
+# the login rotation function always connects to the DB instance itself, and every
+# function does when RDS Proxy is off. DEPLOY_ARGS go to sam deploy (e.g. --guided, or
+# --config-env prod).
+rds-ca:
+	PYTHONPATH=src $(PYTHON) -m tooling.rds_ca download --out $(RDS_CA_BUNDLE)
+
+rds-ca-check:
+	PYTHONPATH=src $(PYTHON) -m tooling.rds_ca check $(RDS_CA_BUNDLE)
+
+deploy: rds-ca-check sam-build
+	$(SAM) deploy $(DEPLOY_ARGS)

@@ -1,4 +1,4 @@
-# The AWS side of the build: the Lambda artifacts (two layers, four functions) and the
+# The AWS side of the build: the Lambda artifacts (two layers, five functions) and the
 # SAM / checkov tooling. Included from the top-level Makefile (which `sam build` uses).
 #
 #   make sam-validate   sam validate --lint (SAM transform + cfn-lint); no AWS credentials needed
@@ -22,7 +22,7 @@ SAM_ENV := AWS_DEFAULT_REGION=$${AWS_DEFAULT_REGION:-us-east-1} SAM_CLI_TELEMETR
 # only our code. Every function and layer in template.yaml has Metadata BuildMethod:
 # makefile and CodeUri/ContentUri ".", so SAM runs `make build-<LogicalId>` with
 # ARTIFACTS_DIR set (a layer's content goes under $(ARTIFACTS_DIR)/python = /opt/python).
-LAMBDA_FUNCTIONS := MatchmakerFunction ApiFunction RedriveFunction MigrateFunction
+LAMBDA_FUNCTIONS := MatchmakerFunction ApiFunction RedriveFunction MigrateFunction RotateLoginFunction
 LAMBDA_LAYERS := BaseLayer MatchingLayer
 LAMBDA_PYTHON_VERSION := 3.13
 # numpy >= 2.3 publishes only manylinux_2_28 x86_64 wheels; the python3.13 runtime
@@ -78,10 +78,16 @@ LAMBDA_NEED_ARTIFACTS_DIR = test -n "$(ARTIFACTS_DIR)" || { echo "ARTIFACTS_DIR 
 .PHONY: $(addprefix build-,$(LAMBDA_FUNCTIONS) $(LAMBDA_LAYERS)) lambda-deps sam-tools \
 	checkov-tools sam-validate sam-build checkov
 
+# The RDS CA bundle, written by `make rds-ca` (git-ignored): shipped with src/core when it
+# is there, and then validated (a bad one fails the build); missing, the build says so and
+# `make deploy` refuses (see the top-level Makefile).
+RDS_CA_BUNDLE ?= src/core/data/trust/rds-ca-bundle.pem
+
 # Functions: our code only (src/tooling never ships), at the artifact's root so that
 # handlers.api.lambda_handler imports; the migrations only where they run.
 $(addprefix build-,$(LAMBDA_FUNCTIONS)):
 	@$(LAMBDA_NEED_ARTIFACTS_DIR)
+	@PYTHONPATH=src $(TOOLS_PYTHON) -m tooling.rds_ca check --if-present $(RDS_CA_BUNDLE)
 	$(call LAMBDA_COPY,src,$(ARTIFACTS_DIR),core handlers)
 	$(if $(filter build-MigrateFunction,$@),$(call LAMBDA_COPY,.,$(ARTIFACTS_DIR),db/migrations))
 	@$(call LAMBDA_COMPILE,$(ARTIFACTS_DIR),/var/task)

@@ -92,7 +92,8 @@ class SecretCache:
             cached = self._values.get(secret_id)
             if cached is not None and self._clock() - cached[0] < self.max_age_s:
                 return cached[1]
-        response = secrets_client().get_secret_value(SecretId=secret_id)
+        # AWSCURRENT, named: during a rotation the AWSPENDING version is not in use yet
+        response = secrets_client().get_secret_value(SecretId=secret_id, VersionStage="AWSCURRENT")
         value = response.get("SecretString")
         if value is None:
             value = bytes(response["SecretBinary"]).decode("utf-8")

@@ -2,7 +2,7 @@
 
 The checkout's build inputs (Makefile, mk/, pyproject.toml, locks/, src/, db/) are copied into two
 temporary folders, and each copy runs `make build-<LogicalId> ARTIFACTS_DIR=...` for both
-layers and all four functions, as `sam build` does (one make per target, every
+layers and every function, as `sam build` does (one make per target, every
 ARTIFACTS_DIR a sibling, so the layers share one pip install per build). The second copy
 builds under another umask, with other file mtimes. Each artifact is then zipped by SAM's
 own make_zip_with_lambda_permissions (what `sam package` / `sam deploy` upload), run by
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_template import EXPECTED_LAYERS, load_template
+from tests.unit.test_template import EXPECTED_HANDLERS, EXPECTED_LAYERS, load_template
 
 pytestmark = pytest.mark.slow
 
@@ -191,7 +191,8 @@ def test_functions_hold_only_our_code(builds: tuple[Build, Build]) -> None:
     for name in FUNCTIONS:
         assert "core/__init__.py" in files[name], name
         assert "handlers/__init__.py" in files[name], name
-        assert f"handlers/{name.removesuffix('Function').lower()}.py" in files[name], name
+        handler_module = EXPECTED_HANDLERS[name].rpartition(".")[0]
+        assert f"{handler_module.replace('.', '/')}.py" in files[name], name
         expected = {"core", "handlers", "db"} if name == "MigrateFunction" else {"core", "handlers"}
         # no third-party package, and never the local tooling
         assert _top_level(files[name]) == expected, name
@@ -234,9 +235,11 @@ def test_layers_are_under_python_and_share_no_package(builds: tuple[Build, Build
         assert not layer & {"boto3", "botocore", "s3transfer"}
 
 
-def test_redrive_and_migrate_load_no_numpy_and_no_openai(builds: tuple[Build, Build]) -> None:
+def test_redrive_migrate_and_rotation_load_no_numpy_and_no_openai(
+    builds: tuple[Build, Build],
+) -> None:
     files = builds[0].contents
-    for name in ("RedriveFunction", "MigrateFunction"):
+    for name in ("RedriveFunction", "MigrateFunction", "RotateLoginFunction"):
         shipped = set(files[name])
         for layer in EXPECTED_LAYERS[name]:
             shipped |= {p.removeprefix("python/") for p in files[layer]}

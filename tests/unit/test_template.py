@@ -21,6 +21,7 @@ import pytest
 import yaml
 from aws_lambda_powertools.metrics import MetricUnit
 
+from core.data.connections import RDS_CA_BUNDLE
 from core.observability import (
     METRICS,
     METRICS_NAMESPACE,
@@ -38,12 +39,16 @@ LAMBDA_MK = ROOT / "mk" / "lambda.mk"
 ADMIN_SCOPE = "matchmaker/admin"
 SEED_ADMIN_PATHS = {"/admin-start-matching"}  # admin routes outside /admin/ (seed clients)
 SQS_VISIBILITY_DEFAULT_S = 30
+# The rotation function of the login secrets and the secrets it rotates.
+ROTATION = "RotateLoginFunction"
+ROTATED_SECRETS = ("ApiDbSecret", "WorkerDbSecret")
 
 EXPECTED_HANDLERS = {
     "MatchmakerFunction": "handlers.matchmaker.lambda_handler",
     "ApiFunction": "handlers.api.lambda_handler",
     "RedriveFunction": "handlers.redrive.lambda_handler",
     "MigrateFunction": "handlers.migrate.lambda_handler",
+    "RotateLoginFunction": "handlers.rotate_login.lambda_handler",
 }
 
 # BaseLayer (psycopg, pydantic, Powertools) everywhere; MatchingLayer (numpy, openai) only
@@ -53,6 +58,7 @@ EXPECTED_LAYERS = {
     "ApiFunction": ("BaseLayer", "MatchingLayer"),
     "RedriveFunction": ("BaseLayer",),
     "MigrateFunction": ("BaseLayer",),
+    "RotateLoginFunction": ("BaseLayer",),
 }
 
 # The template must route exactly what the code serves (and nothing else).
@@ -414,7 +420,10 @@ def test_every_function_runs_in_the_vpc(template: dict[str, Any]) -> None:
     for name in functions(template):
         vpc = function_property(template, name, "VpcConfig")
         assert vpc["SubnetIds"] == {"Ref": "SubnetIds"}, name
-        assert vpc["SecurityGroupIds"] == [{"Ref": "LambdaSecurityGroup"}], name
+        # the rotation function's own group is added after Globals' (SAM prepends global
+        # list entries): it alone reaches the DB instance past the proxy
+        own = "RotateLoginSecurityGroup" if name == ROTATION else "LambdaSecurityGroup"
+        assert vpc["SecurityGroupIds"] == [{"Ref": own}], name
     assert template["Parameters"]["SubnetIds"]["Type"] == "List<AWS::EC2::Subnet::Id>"
     assert template["Parameters"]["VpcId"]["Type"] == "AWS::EC2::VPC::Id"
 
@@ -818,13 +827,14 @@ def test_each_function_reads_only_the_secrets_it_needs(template: dict[str, Any])
     variables = globals_function(template)["Environment"]["Variables"]
     assert "DB_SECRET_ARN" not in variables  # set per function, never shared
     assert variables["OPENAI_SECRET_ARN"] == {"Ref": "OpenAiSecretArn"}
-    assert set(DB_LOGIN_SECRET) == set(functions(template))
+    # the rotation function has no login of its own (test_login_rotation_function_*)
+    assert set(DB_LOGIN_SECRET) == set(functions(template)) - {ROTATION}
     # Only the functions that embed (the worker, and the API's synchronous trigger) may
     # read the OpenAI key; each function reads its own database secret, and the migrate
     # function the login users' secrets too (it sets their passwords).
     embedding = {"MatchmakerFunction", "ApiFunction"}
     logins = [{"Ref": "ApiDbSecret"}, {"Ref": "WorkerDbSecret"}]
-    for name in functions(template):
+    for name in sorted(set(functions(template)) - {ROTATION}):
         statements = _role_statements(template, name)
         expected = [DB_LOGIN_SECRET[name]]
         expected += [{"Ref": "OpenAiSecretArn"}] if name in embedding else []
@@ -932,6 +942,9 @@ def function_max_connections(template: dict[str, Any]) -> dict[str, int]:
             )
         elif name == "MigrateFunction":
             bounds[name] = 1  # one custom-resource request per deploy, serialised by a lock
+        elif name == ROTATION:
+            # Secrets Manager runs one step at a time per secret, and it rotates two
+            bounds[name] = len(ROTATED_SECRETS)
         else:
             raise AssertionError(f"{name} has no concurrency bound: it could exhaust the database")
     return bounds
@@ -1062,7 +1075,8 @@ def test_database_accepts_connections_only_from_the_functions_and_proxy(
     assert template["Parameters"]["DbPort"]["Default"] == 5432
     for name, rule in resources(template, "AWS::EC2::SecurityGroupIngress").items():
         assert ref_target(rule["Properties"]["GroupId"]) != "DatabaseSecurityGroup" or (
-            ref_target(rule["Properties"]["SourceSecurityGroupId"]) == "ProxySecurityGroup"
+            ref_target(rule["Properties"]["SourceSecurityGroupId"])
+            in {"ProxySecurityGroup", "RotateLoginSecurityGroup"}
         ), name
     for name, group in resources(template, "AWS::EC2::SecurityGroup").items():
         for rule in group["Properties"].get("SecurityGroupIngress", []):
@@ -1388,3 +1402,130 @@ def test_the_docs_list_every_metric_and_every_widget() -> None:
     }
     titles = [w["properties"]["title"] for w in dashboard_body(_template())["widgets"]]
     assert [t for t in titles if f"| {t} |" not in match.group(1)] == []
+
+
+# --- automatic rotation of the login secrets ---------------------------------------------
+# RotateLoginFunction (handlers.rotate_login, single user): Secrets Manager calls it for
+# ApiDbSecret and WorkerDbSecret; it reaches the DB instance itself, never the proxy.
+
+SECRET_WRITE_ACTIONS = {
+    "secretsmanager:PutSecretValue",
+    "secretsmanager:UpdateSecretVersionStage",
+    "secretsmanager:UpdateSecret",
+    "secretsmanager:RotateSecret",
+    "secretsmanager:DeleteSecret",
+    "secretsmanager:RestoreSecret",
+    "secretsmanager:PutResourcePolicy",
+    "secretsmanager:CancelRotateSecret",
+}
+
+
+def test_login_rotation_function_reaches_the_db_instance_directly_with_verified_tls(
+    template: dict[str, Any],
+) -> None:
+    env = environment(template, ROTATION)
+    # the instance (created or existing), never the proxy's endpoint or port
+    assert env["DB_HOST"] == {
+        "Fn::If": [
+            "CreateDatabase",
+            {"Fn::GetAtt": ["Database", "Endpoint.Address"]},
+            {"Ref": "ExistingDbHost"},
+        ]
+    }
+    assert env["DB_PORT"] == {"Ref": "DbPort"}
+    assert env["DB_SSLMODE"] == "verify-full"
+    # the RDS CA bundle, where the build puts src/core/data/trust (tooling.rds_ca writes it)
+    bundle = RDS_CA_BUNDLE.relative_to(ROOT / "src").as_posix()
+    assert env["DB_SSLROOTCERT"] == f"/var/task/{bundle}"
+    assert env["DB_SECRET_ARN"] == ""  # no login of its own: each event names the secret
+    assert "Events" not in functions(template)[ROTATION]["Properties"]
+
+    egress = resources(template)["RotateLoginSecurityGroup"]["Properties"]["SecurityGroupEgress"]
+    assert len(egress) == 1
+    assert egress[0]["FromPort"] == egress[0]["ToPort"] == {"Ref": "DbPort"}
+    assert egress[0]["DestinationSecurityGroupId"]["Fn::If"][:2] == [
+        "CreateDatabase",
+        {"Fn::GetAtt": ["DatabaseSecurityGroup", "GroupId"]},
+    ]
+    ingress = resources(template)["DatabaseFromRotateLoginIngress"]
+    assert ingress["Condition"] == "CreateDatabase"
+    assert ingress["Properties"]["SourceSecurityGroupId"] == {
+        "Fn::GetAtt": ["RotateLoginSecurityGroup", "GroupId"]
+    }
+    assert ingress["Properties"]["FromPort"] == {"Ref": "DbPort"}
+
+
+def test_login_rotation_role_may_rotate_exactly_the_two_login_secrets(
+    template: dict[str, Any],
+) -> None:
+    statements = _role_statements(template, ROTATION)
+    actions = {a for s in statements for a in as_list(s["Action"])}
+    assert actions == {
+        "logs:CreateLogStream",
+        "logs:PutLogEvents",
+        "secretsmanager:DescribeSecret",
+        "secretsmanager:GetSecretValue",
+        "secretsmanager:PutSecretValue",
+        "secretsmanager:UpdateSecretVersionStage",
+    }
+    for statement in statements:
+        if any(a.startswith("secretsmanager:") for a in as_list(statement["Action"])):
+            assert as_list(statement["Resource"]) == [{"Ref": secret} for secret in ROTATED_SECRETS]
+
+
+def test_only_the_rotation_function_changes_and_only_it_and_migrate_hold_both_logins(
+    template: dict[str, Any],
+) -> None:
+    logins = {str({"Ref": secret}) for secret in ROTATED_SECRETS}
+    writers: set[str] = set()
+    readers: dict[str, set[str]] = {}
+    for holder, statement in iam_statements(template):
+        granted = {str(r) for r in as_list(statement.get("Resource", []))} & logins
+        if not granted:
+            continue
+        actions = set(as_list(statement["Action"]))
+        if actions & SECRET_WRITE_ACTIONS:
+            writers.add(holder)
+        if "secretsmanager:GetSecretValue" in actions:
+            readers.setdefault(holder, set()).update(granted)
+    assert writers == {"RotateLoginFunctionRole"}
+    both = {holder for holder, secrets in readers.items() if secrets == logins}
+    # the proxy logs in as each user; migrate sets the passwords; rotation changes them
+    assert both == {"MigrateFunctionRole", "RotateLoginFunctionRole", "DatabaseProxyRole"}
+    assert readers["ApiFunctionRole"] == {str({"Ref": "ApiDbSecret"})}
+    assert readers["MatchmakerFunctionRole"] == {str({"Ref": "WorkerDbSecret"})}
+    assert readers["RedriveFunctionRole"] == {str({"Ref": "WorkerDbSecret"})}
+
+
+def test_each_login_secret_rotates_every_30_days_once_the_login_users_exist(
+    template: dict[str, Any],
+) -> None:
+    schedules = resources(template, "AWS::SecretsManager::RotationSchedule")
+    assert sorted(ref_target(s["Properties"]["SecretId"]) for s in schedules.values()) == sorted(
+        ROTATED_SECRETS
+    )
+    permissions = {
+        name: p["Properties"]
+        for name, p in resources(template, "AWS::Lambda::Permission").items()
+        if ref_target(p["Properties"]["FunctionName"]) == ROTATION
+    }
+    # one invoke permission per secret, for Secrets Manager in this account only
+    assert sorted(ref_target(p["SourceArn"]) for p in permissions.values()) == sorted(
+        ROTATED_SECRETS
+    )
+    for props in permissions.values():
+        assert props["Principal"] == "secretsmanager.amazonaws.com"
+        assert props["Action"] == "lambda:InvokeFunction"
+        assert props["SourceAccount"] == {"Ref": "AWS::AccountId"}
+    for name, schedule in schedules.items():
+        props = schedule["Properties"]
+        assert props["RotationLambdaARN"] == {"Fn::GetAtt": [ROTATION, "Arn"]}, name
+        assert props["RotationRules"] == {"ScheduleExpression": "rate(30 days)"}, name
+        assert "HostedRotationLambda" not in props
+        # the first rotation starts when the schedule is created: the users must exist
+        secret = ref_target(props["SecretId"])
+        permission = next(n for n, p in permissions.items() if ref_target(p["SourceArn"]) == secret)
+        assert set(schedule["DependsOn"]) == {"Migrations", permission}, name
+    for secret in ROTATED_SECRETS:
+        skips = resources(template)[secret].get("Metadata", {}).get("checkov", {}).get("skip", [])
+        assert "CKV2_AWS_57" not in {skip["id"] for skip in skips}, secret

@@ -14,12 +14,16 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from core import aws
+from core.observability import logger
 from core.settings import Settings
 
 EMBEDDED_DATABASE = "matchmaker"
 # Amazon's public root CAs: RDS Proxy presents certificates from AWS Certificate Manager,
 # which chain to them (a DB instance's own certificate chains to the RDS CAs instead).
 AMAZON_ROOT_CAS = Path(__file__).resolve().parent / "trust" / "amazon-root-cas.pem"
+# The RDS CA bundle (a DB instance's certificate chains to it): not in git, downloaded and
+# validated by `make rds-ca` on the deploy machine (tooling.rds_ca), shipped by the build.
+RDS_CA_BUNDLE = Path(__file__).resolve().parent / "trust" / "rds-ca-bundle.pem"
 # Encrypted but the server unauthenticated, or not encrypted at all: never on AWS.
 UNVERIFIED_SSLMODES = frozenset({"disable", "allow", "prefer"})
 VERIFYING_SSLMODES = frozenset({"verify-ca", "verify-full"})
@@ -137,9 +141,51 @@ def tls_parameters(url: str, settings: Settings) -> dict[str, str]:
     if mode in VERIFYING_SSLMODES and not params.get("sslrootcert"):
         root = settings.db_sslrootcert or AMAZON_ROOT_CAS
         if not root.is_file():
-            raise DatabaseUnavailableError(f"DB_SSLROOTCERT: no CA certificate file at {root}")
+            raise DatabaseUnavailableError(missing_trust_root_message(root))
         tls["sslrootcert"] = str(root)
     return tls
+
+
+def missing_trust_root_message(root: Path) -> str:
+    message = f"DB_SSLROOTCERT: no CA certificate file at {root}"
+    if root.name == RDS_CA_BUNDLE.name:
+        # never a weaker fallback: the build must ship the bundle
+        message += (
+            ". A DB instance reached directly (without RDS Proxy, and always by the login "
+            "rotation) presents a certificate from the RDS CAs: run `make rds-ca` (downloads "
+            "and checks the RDS CA bundle) before `sam build`, then deploy again"
+        )
+    return message
+
+
+def is_authentication_failure(exc: BaseException) -> bool:
+    """Whether a failed connection was the server refusing the credentials (SQLSTATE class
+    28, or libpq's message when the server's error has no code), as opposed to the network
+    or TLS."""
+    cause = exc if isinstance(exc, psycopg.Error) else exc.__cause__
+    if not isinstance(cause, psycopg.Error):
+        return False
+    if cause.sqlstate is not None:
+        return cause.sqlstate.startswith("28")
+    return "password authentication failed" in str(cause)
+
+
+def connect_from_settings(settings: Settings, application_name: str) -> psycopg.Connection[Any]:
+    """connect(resolve_database_url(settings)), with one retry when the server refuses a
+    password read from Secrets Manager: after a rotation the cached secret may be up to
+    SECRET_MAX_AGE_S old, so it is read again (once: a second refusal is a real error)."""
+    url = resolve_database_url(settings)
+    try:
+        return connect(url, settings, application_name)
+    except DatabaseUnavailableError as exc:
+        from_secret = settings.db_secret_arn and (
+            settings.deployed or settings.database_url is None
+        )
+        if not from_secret or not is_authentication_failure(exc):
+            raise
+    logger.info("the database refused the cached password: reading the secret again")
+    aws.secrets.invalidate(settings.db_secret_arn or "")
+    return connect(resolve_database_url(settings), settings, application_name)
 
 
 class ConnectionCache:
@@ -151,7 +197,7 @@ class ConnectionCache:
 
     def get(self, settings: Settings) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = connect(resolve_database_url(settings), settings, self.application_name)
+            self._conn = connect_from_settings(settings, self.application_name)
         return self._conn
 
     def discard(self) -> None:
