@@ -200,12 +200,14 @@ def _prefix(options: LatencyOptions) -> str:
 
 def _phase(stack: LocalStack, name: str, writes: int, run: Callable[[Phase], None]) -> Phase:
     phase = Phase(name, writes)
-    wake0, schedule0 = _runs(stack)
-    run(phase)
-    # A woken run lingers after the phase's last write: the next phase starts once it has
-    # left, so each phase's runs are its own (runs are counted as they start).
+    # A woken run lingers after the last write it served: a phase starts once the run
+    # before it has left and ends once its own last run has, so each phase pays for the
+    # runs it needed, the first included (runs are counted as they start).
     assert stack.scheduler is not None
     scheduler = stack.scheduler
+    wait_until(lambda: not scheduler.busy, 0.05, RUN_TIMEOUT_S)
+    wake0, schedule0 = _runs(stack)
+    run(phase)
     wait_until(lambda: not scheduler.busy, 0.05, RUN_TIMEOUT_S)
     wake1, schedule1 = _runs(stack)
     phase.wake_runs, phase.schedule_runs = wake1 - wake0, schedule1 - schedule0
