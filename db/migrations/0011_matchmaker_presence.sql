@@ -12,9 +12,11 @@ CREATE TABLE matchmaker_presence (
 );
 
 -- Hold (or renew) a run's lease for p_lease_s seconds from now, on the database's clock
--- (the one the API compares with), and drop leases that expired.
+-- (the one the API compares with), and drop leases that expired. Returns whether another
+-- run that came before this one is present: an idle run then leaves at once (two runs
+-- polling an empty queue serve no one better than one; the oldest stays).
 CREATE FUNCTION mm_hold_presence(p_run_id uuid, p_worker_id text, p_lease_s double precision)
-RETURNS void
+RETURNS boolean
 LANGUAGE sql
 SECURITY DEFINER SET search_path = public, pg_temp
 AS $$
@@ -22,6 +24,12 @@ AS $$
     INSERT INTO matchmaker_presence (run_id, worker_id, lease_until)
     VALUES (p_run_id, left(p_worker_id, 200), clock_timestamp() + make_interval(secs => p_lease_s))
     ON CONFLICT (run_id) DO UPDATE SET lease_until = EXCLUDED.lease_until;
+    SELECT EXISTS (
+        SELECT 1 FROM matchmaker_presence o, matchmaker_presence me
+         WHERE me.run_id = p_run_id AND o.run_id <> p_run_id
+           AND o.lease_until > clock_timestamp()
+           AND (o.since, o.run_id) < (me.since, me.run_id)
+    );
 $$;
 
 -- A run leaves: its lease is gone once this statement commits.

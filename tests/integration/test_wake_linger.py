@@ -315,3 +315,31 @@ def test_the_exit_protocol_refuses_to_delete_a_lease_inside_a_transaction(conn: 
     assert len(presence_rows(conn)) == 1
     repo.release_presence(conn, run_id)
     assert presence_rows(conn) == []
+
+
+def test_an_idle_run_leaves_at_once_when_an_older_run_is_present(
+    conn: Conn, settings: Settings
+) -> None:
+    """Given another run present since before this one (its lease valid), when a woken
+    run with a 30 s linger drains its rows, then it leaves without a single pause (the
+    older run polls for both), its lease deleted and the older one's kept; alone, the
+    same run lingers."""
+    add_attendees(conn, "presence-older", generate_profiles(6, seed=27, id_prefix="po-"))
+    older = uuid.uuid4()
+    assert repo.hold_presence(conn, older, "older:1", 30.0) is False  # nobody before it
+    pauses: list[float] = []
+    worker = Matchmaker(settings)
+    worker.pause = pauses.append
+
+    report = worker.run(conn, deadline=time.monotonic() + 60, linger_s=30)
+
+    assert report.completed == 6
+    assert (pauses, report.lingered_s) == ([], 0)
+    assert [row[0] for row in presence_rows(conn)] == [older]
+
+    repo.release_presence(conn, older)
+    alone = Matchmaker(settings)
+    alone.pause = pausing(nothing)
+    lingered = alone.run(conn, deadline=time.monotonic() + 60, linger_s=0.2)
+    assert lingered.lingered_s > 0
+    assert presence_rows(conn) == []

@@ -681,11 +681,13 @@ def icebreaker_coverage(conn: Conn, event_id: int) -> tuple[int, int]:
 # --- presence of lingering matchmaker runs (db/migrations/0011) ----------------------------
 
 
-def hold_presence(conn: Conn, run_id: uuid.UUID, worker_id: str, lease_s: float) -> None:
-    """Hold or renew a run's presence lease for `lease_s` seconds (the database's clock)."""
-    conn.execute(
+def hold_presence(conn: Conn, run_id: uuid.UUID, worker_id: str, lease_s: float) -> bool:
+    """Hold or renew a run's presence lease for `lease_s` seconds (the database's clock);
+    True when another run that came before this one is present."""
+    row = conn.execute(
         query("hold_presence"), {"run_id": run_id, "worker_id": worker_id, "lease_s": lease_s}
-    )
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def release_presence(conn: Conn, run_id: uuid.UUID) -> None:

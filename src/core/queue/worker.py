@@ -225,8 +225,9 @@ class Matchmaker:
         With `linger_s` > 0 (a run the wake queue started) the run is *present*: it holds
         a presence lease from the start, and once the queue is dry it keeps polling every
         WAKE_POLL_SECONDS until it has found nothing for `linger_s`; the API sends no wake
-        while the lease is valid. It leaves by the exit protocol (`_leave`): lease deleted
-        and committed, then one last look; work found then is served, or, when the
+        while the lease is valid; an idle run leaves at once when a run that came before
+        it is present (that one polls). It leaves by the exit protocol (`_leave`): lease
+        deleted and committed, then one last look; work found then is served, or, when the
         deadline leaves no room, handed to a new run through `wake(event_code)`.
         """
         started = time.monotonic()
@@ -258,7 +259,9 @@ class Matchmaker:
         first = list(dict.fromkeys(first_event_ids)) if event_id is None else []
         # Only a run free to serve any event may stand in for a wake.
         run_id = uuid.uuid4() if linger_s > 0 and event_id is None else None
-        present = run_id is not None and self._hold(conn, run_id)
+        present = run_id is not None
+        # another run that came before this one is present: when idle, leave it the polling
+        older_present = run_id is not None and self._hold(conn, run_id)
         idle_since: float | None = None
         try:
             while True:
@@ -280,10 +283,11 @@ class Matchmaker:
                     now = time.monotonic()
                     idle_since = now if idle_since is None else idle_since
                     poll_s = self.settings.wake_poll_seconds
-                    if now - idle_since < linger_s and remaining - poll_s >= headroom:
+                    lingering = now - idle_since < linger_s and not older_present
+                    if lingering and remaining - poll_s >= headroom:
                         self.pause(poll_s)
                         report.lingered_s += time.monotonic() - now
-                        self._hold(conn, run_id)
+                        older_present = self._hold(conn, run_id)
                         continue
                     present = False
                     left_behind = self._leave(conn, run_id)
@@ -294,7 +298,7 @@ class Matchmaker:
                         report.stopped = "deadline"
                         report.woke_for = self._wake_successor(wake, left_behind)
                         break
-                    present = self._hold(conn, run_id)
+                    present, older_present = True, self._hold(conn, run_id)
                     idle_since = None
                     continue
                 idle_since = None
@@ -308,8 +312,8 @@ class Matchmaker:
                     on_dead(batch.dead)
                 if on_batch:
                     on_batch(batch)
-                if present and run_id is not None:
-                    self._hold(conn, run_id)  # a long batch may have let the lease lapse
+                if present and run_id is not None:  # a long batch may have let it lapse
+                    older_present = self._hold(conn, run_id)
         except BaseException:
             if present and run_id is not None:  # best effort: else the lease expires
                 with contextlib.suppress(Exception):
@@ -326,9 +330,11 @@ class Matchmaker:
         return report
 
     def _hold(self, conn: Conn, run_id: uuid.UUID) -> bool:
-        """Hold or renew this run's presence lease (WAKE_PRESENCE_LEASE_SECONDS)."""
-        repo.hold_presence(conn, run_id, self.worker_id, self.settings.wake_presence_lease_seconds)
-        return True
+        """Hold or renew this run's presence lease (WAKE_PRESENCE_LEASE_SECONDS); True
+        when a run that came before this one is present too."""
+        return repo.hold_presence(
+            conn, run_id, self.worker_id, self.settings.wake_presence_lease_seconds
+        )
 
     def _leave(self, conn: Conn, run_id: uuid.UUID) -> str | None:
         """The exit protocol of a present run: delete the lease and commit, THEN look for

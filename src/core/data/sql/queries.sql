@@ -633,7 +633,8 @@ SELECT count(*) AS pairs, count(i.profile_id) AS with_icebreaker
 
 -- name: hold_presence
 -- A lingering matchmaker run holds (or renews) its lease: while it is valid the API sends
--- no wake, since this run will claim what the API queued (db/migrations/0011).
+-- no wake, since this run will claim what the API queued (db/migrations/0011). True when
+-- a run that came before this one is present too.
 SELECT mm_hold_presence(%(run_id)s, %(worker_id)s, %(lease_s)s)
 
 -- name: release_presence
