@@ -6,7 +6,6 @@ and keeps each event's EventState between batches and invocations.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import socket
@@ -263,62 +262,56 @@ class Matchmaker:
         # another run that came before this one is present: when idle, leave it the polling
         older_present = run_id is not None and self._hold(conn, run_id)
         idle_since: float | None = None
-        try:
-            while True:
-                remaining = deadline - time.monotonic()
-                headroom = max(MIN_HEADROOM_S, HEADROOM_FACTOR * slowest)
-                if remaining < headroom:
-                    report.stopped = "deadline"
+        while True:
+            remaining = deadline - time.monotonic()
+            headroom = max(MIN_HEADROOM_S, HEADROOM_FACTOR * slowest)
+            if remaining < headroom:
+                report.stopped = "deadline"
+                break
+            claimed: list[ClaimedRow] = []
+            while first and not claimed:
+                claimed = repo.claim(conn, size, self.settings.lease_seconds, first[0])
+                if not claimed:
+                    first.pop(0)
+            if not claimed:
+                claimed = repo.claim(conn, size, self.settings.lease_seconds, event_id)
+            if not claimed:
+                if not present or run_id is None:
                     break
-                claimed: list[ClaimedRow] = []
-                while first and not claimed:
-                    claimed = repo.claim(conn, size, self.settings.lease_seconds, first[0])
-                    if not claimed:
-                        first.pop(0)
-                if not claimed:
-                    claimed = repo.claim(conn, size, self.settings.lease_seconds, event_id)
-                if not claimed:
-                    if not present or run_id is None:
-                        break
-                    now = time.monotonic()
-                    idle_since = now if idle_since is None else idle_since
-                    poll_s = self.settings.wake_poll_seconds
-                    lingering = now - idle_since < linger_s and not older_present
-                    if lingering and remaining - poll_s >= headroom:
-                        self.pause(poll_s)
-                        report.lingered_s += time.monotonic() - now
-                        older_present = self._hold(conn, run_id)
-                        continue
-                    present = False
-                    left_behind = self._leave(conn, run_id)
-                    if left_behind is None:
-                        break
-                    # Queued while we were leaving (the API saw our lease and sent no wake).
-                    if deadline - time.monotonic() < headroom:
-                        report.stopped = "deadline"
-                        report.woke_for = self._wake_successor(wake, left_behind)
-                        break
-                    present, older_present = True, self._hold(conn, run_id)
-                    idle_since = None
-                    continue
-                idle_since = None
-                if len(claimed) == size:
-                    claimed += self._claim_backlog(conn, claimed[0].event_id, size, remaining)
-                batch = self.process_claimed(conn, claimed)
-                if batch.claimed <= size:
-                    slowest = max(slowest, batch.duration_s)
-                report.add(batch)
-                if batch.dead and on_dead:
-                    on_dead(batch.dead)
-                if on_batch:
-                    on_batch(batch)
-                if present and run_id is not None:  # a long batch may have let it lapse
+                now = time.monotonic()
+                idle_since = now if idle_since is None else idle_since
+                poll_s = self.settings.wake_poll_seconds
+                lingering = now - idle_since < linger_s and not older_present
+                if lingering and remaining - poll_s >= headroom:
+                    self.pause(poll_s)
+                    report.lingered_s += time.monotonic() - now
                     older_present = self._hold(conn, run_id)
-        except BaseException:
-            if present and run_id is not None:  # best effort: else the lease expires
-                with contextlib.suppress(Exception):
-                    repo.release_presence(conn, run_id)
-            raise
+                    continue
+                present = False
+                left_behind = self._leave(conn, run_id)
+                if left_behind is None:
+                    break
+                # Queued while we were leaving (the API saw our lease and sent no wake).
+                if deadline - time.monotonic() < headroom:
+                    report.stopped = "deadline"
+                    report.woke_for = self._wake_successor(wake, left_behind)
+                    break
+                present, older_present = True, self._hold(conn, run_id)
+                idle_since = None
+                continue
+            idle_since = None
+            if len(claimed) == size:
+                claimed += self._claim_backlog(conn, claimed[0].event_id, size, remaining)
+            batch = self.process_claimed(conn, claimed)
+            if batch.claimed <= size:
+                slowest = max(slowest, batch.duration_s)
+            report.add(batch)
+            if batch.dead and on_dead:
+                on_dead(batch.dead)
+            if on_batch:
+                on_batch(batch)
+            if present and run_id is not None:  # a long batch may have let it lapse
+                older_present = self._hold(conn, run_id)
         if present and run_id is not None:  # stopped at the deadline while present
             left_behind = self._leave(conn, run_id)
             if left_behind is not None:
