@@ -115,6 +115,7 @@ class MetricName(StrEnum):
     ATTENDEES_UPSERTED = "AttendeesUpserted"
     WAKES_SENT = "WakesSent"
     WAKE_FAILURES = "WakeFailures"
+    WAKES_SKIPPED = "WakesSkipped"
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,12 @@ METRICS: dict[MetricName, MetricSpec] = {
         MetricUnit.Count,
         "ApiFunction (handlers/api.py)",
         "Wakes that could not be sent: the work stays queued for the next schedule tick.",
+    ),
+    MetricName.WAKES_SKIPPED: MetricSpec(
+        MetricUnit.Count,
+        "ApiFunction (handlers/api.py)",
+        "Wakes not sent after a write that queued work because a woken matchmaker run was "
+        "present (lingering): that run claims the work before it exits.",
     ),
 }
 

@@ -77,6 +77,13 @@ class Settings(BaseSettings):
     # The API sends the event code here after a write that queued work; the matchmaker
     # consumes it (an event source mapping) and serves that event first.
     wake_queue_url: str | None = None
+    # A run woken by the wake queue lingers after the queue ran dry: it polls for new rows
+    # every WAKE_POLL_SECONDS until it has found nothing for WAKE_LINGER_SECONDS (0: it
+    # exits at once). While it lingers it holds a presence lease of
+    # WAKE_PRESENCE_LEASE_SECONDS, renewed at every poll, and the API sends no wakes.
+    wake_linger_seconds: Annotated[float, Field(ge=0, le=60)] = 1.5
+    wake_poll_seconds: Annotated[float, Field(gt=0, le=5)] = 0.1
+    wake_presence_lease_seconds: Annotated[float, Field(gt=0, le=60)] = 3.0
     # The Lambda's own limit minus this is the latest a worker may still be working.
     worker_safety_ms: Annotated[int, Field(ge=0, le=120_000)] = 15_000
     # OpenAI embeddings for events whose embedder is "openai": the key from Secrets Manager
@@ -141,6 +148,15 @@ class Settings(BaseSettings):
         # The template declares these as "" so that `sam local invoke --env-vars` may set
         # them: an empty value means "not set", never an empty connection string or ARN.
         return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _presence_outlives_a_poll(self) -> Settings:
+        if self.wake_presence_lease_seconds <= 2 * self.wake_poll_seconds:
+            raise ValueError(
+                "WAKE_PRESENCE_LEASE_SECONDS must exceed twice WAKE_POLL_SECONDS, or a "
+                "lingering run's lease would lapse between its polls (and wakes be sent)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _timeouts_fit_the_lease(self) -> Settings:

@@ -3,7 +3,9 @@ the wake queue's event source mapping (an SQS batch naming the events whose writ
 work: those are served first) and asynchronously for fan-out (and by the API when the
 stack has no wake queue). Drains the queue until MAX_RUNTIME_MS or the Lambda's own
 deadline (minus WORKER_SAFETY_MS) nears; users that exhaust their attempts go to the SQS
-dead-letter queue."""
+dead-letter queue. A run the wake queue started lingers: it keeps polling for new rows
+for WAKE_LINGER_SECONDS after the queue ran dry, holding a presence lease that tells the
+API not to send wakes (core/queue/worker.py, Matchmaker.run)."""
 
 from __future__ import annotations
 
@@ -150,6 +152,9 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
         if settings.dead_letter_queue_url:
             aws.send_dead_letters(conn, settings.dead_letter_queue_url, outcomes)
 
+    def wake_successor(event_code: str) -> bool:
+        return aws.send_wake(settings.wake_queue_url, event_code, "successor")
+
     try:
         helpers = 0 if invocation.source == "fan-out" else fan_out(conn, context.function_name)
         report = run_worker(
@@ -159,6 +164,10 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
             matchmaker=_matchmaker_for(),
             on_dead=dead_letters,
             first_event_ids=event_ids_of(conn, invocation.event_codes),
+            # A run the wake queue started stays for the joins that follow (the API sends
+            # no wake meanwhile); scheduled and fan-out runs leave when the queue is dry.
+            linger_s=settings.wake_linger_seconds if invocation.source == "wake" else 0.0,
+            wake=wake_successor if settings.wake_queue_url else None,
         )
     except Exception:
         connections.discard()  # a broken connection must not poison the next invocation
@@ -175,6 +184,8 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
         "recovered": report.recovered,
         "lists_written": report.lists_written,
         "stopped": report.stopped,
+        "lingered_s": round(report.lingered_s, 3),
+        "woke_successor_for": report.woke_for,
         "elapsed_s": round(report.elapsed_s, 3),
     }
     logger.info("matchmaker run", extra=summary)

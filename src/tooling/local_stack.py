@@ -654,7 +654,8 @@ class Scheduler:
     """Runs the matchmaker handler every `interval_s`, and at once when woken: by a batch
     of wake records (handed over as the SQS event Lambda would get) or by a fan-out's
     async invoke. One run at a time, like a reserved concurrency of 1: whatever arrives
-    during a run is served by the next one, in one invocation."""
+    during a run is served by the next one, in one invocation. A woken run lingers after
+    the queue ran dry (WAKE_LINGER_SECONDS) exactly as in Lambda: it is the real handler."""
 
     def __init__(self, interval_s: float, run: Callable[[dict[str, Any]], None]) -> None:
         self.interval_s = interval_s
@@ -664,7 +665,8 @@ class Scheduler:
         self._lock = threading.Lock()
         self._records: list[dict[str, Any]] = []
         self._done: list[Callable[[], None]] = []
-        self.runs: dict[str, int] = {}  # runs by source, for the latency benchmark
+        self.runs: dict[str, int] = {}  # runs started, by source (the latency benchmark)
+        self.busy = False  # a run is going (a woken one may be lingering)
         self.thread = threading.Thread(target=self._loop, name="matchmaker-schedule", daemon=True)
 
     def wake(self) -> None:
@@ -690,13 +692,17 @@ class Scheduler:
                 done, self._done = self._done, []
             event: dict[str, Any] = {"Records": records} if records else {"source": source}
             kind = "wake" if records else source
+            # Counted as it starts: a woken run may linger past the moment a caller counts.
+            self.runs[kind] = self.runs.get(kind, 0) + 1
+            self.busy = True
             try:
                 self.run(event)
-                self.runs[kind] = self.runs.get(kind, 0) + 1
                 for finished in done:
                     finished()
             except Exception:  # keep serving: the next tick retries, like the real schedule
                 logger.exception("scheduled matchmaker run failed")
+            finally:
+                self.busy = False
             woken = self._wake.wait(self.interval_s)
             self._wake.clear()
             source = "trigger" if woken else "schedule"

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
+import psycopg
+from aws_lambda_powertools.metrics import MetricUnit
 from pydantic import ValidationError
 
 from core.api.errors import (
@@ -43,6 +45,7 @@ from core.data import repository as repo
 from core.data.conflicts import retry_conflicts
 from core.data.repository import Conn
 from core.models import AttendeeMatches, EventIn, EventRecord, EventSettings, Match
+from core.observability import MetricName, logger, metrics
 from core.settings import Settings
 
 if TYPE_CHECKING:
@@ -56,6 +59,25 @@ Invoker = Callable[[str], bool]  # start the matchmaker for an event now; True i
 def no_wake(code: str) -> bool:
     """The Invoker of callers that leave queued work to the schedule."""
     return False
+
+
+def wake_unless_present(conn: Conn, code: str, wake: Invoker) -> bool:
+    """After the commit that queued an attendee's work (never inside its transaction):
+    wake the matchmaker, unless a run is present (a lingering woken run holds a valid
+    presence lease). Such a run claims the row before it exits: it deletes its lease,
+    commits, and only then looks for work one last time, so a lease this read sees
+    belongs to a run whose last look comes after our commit. True if a wake was sent."""
+    if wake is no_wake:
+        return False
+    try:
+        present = repo.matchmaker_present(conn)
+    except psycopg.Error:  # the row is committed: wake rather than fail or guess
+        logger.warning("presence not readable; waking", extra={"event_code": code})
+        present = False
+    if present:
+        metrics.add_metric(name=MetricName.WAKES_SKIPPED, unit=MetricUnit.Count, value=1)
+        return False
+    return wake(code)
 
 
 P = ParamSpec("P")
@@ -129,7 +151,7 @@ def put_attendee(
         event = _event(conn, code)
         outcome = repo.upsert_attendee(conn, event.id, profile)
     if outcome != "unchanged":
-        wake(code)
+        wake_unless_present(conn, code, wake)
     return AttendeeOut(event=code, user_id=user_id, status=outcome)
 
 
@@ -143,7 +165,7 @@ def remove_attendee(
         event = _event(conn, code)
         if not repo.leave_event(conn, event.id, user_id):
             raise NotFoundError(f"{user_id!r} is not an active attendee of {code!r}")
-    wake(code)
+    wake_unless_present(conn, code, wake)
 
 
 def get_matches(conn: Conn, principal: Principal, code: str, user_id: str) -> AttendeeMatches:
@@ -174,7 +196,7 @@ def dismiss(
             raise NotFoundError("both users must be attendees of the event")
         dismissed = repo.dismiss(conn, event.id, user_id, body.dismissed_user_id)
     if dismissed:  # a new dismissal queued the pair (a repeated one changes nothing)
-        wake(code)
+        wake_unless_present(conn, code, wake)
 
 
 @retried

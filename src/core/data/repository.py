@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg import pq
 from psycopg.rows import dict_row
 
 from core.data.named_sql import query
@@ -675,3 +676,35 @@ def icebreaker_coverage(conn: Conn, event_id: int) -> tuple[int, int]:
     """(list entries, entries with an icebreaker) of the event."""
     row = conn.execute(query("status_icebreakers"), {"event_id": event_id}).fetchone()
     return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+# --- presence of lingering matchmaker runs (db/migrations/0011) ----------------------------
+
+
+def hold_presence(conn: Conn, run_id: uuid.UUID, worker_id: str, lease_s: float) -> bool:
+    """Hold or renew a run's presence lease for `lease_s` seconds (the database's clock);
+    True when another run that came before this one is present."""
+    row = conn.execute(
+        query("hold_presence"), {"run_id": run_id, "worker_id": worker_id, "lease_s": lease_s}
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def release_presence(conn: Conn, run_id: uuid.UUID) -> None:
+    """Delete the run's lease, committed on return: the caller must not be inside a
+    transaction, or the API could still see the lease after the run's last look."""
+    if not conn.autocommit or conn.info.transaction_status != pq.TransactionStatus.IDLE:
+        raise RuntimeError("release_presence must commit: an autocommit connection, no transaction")
+    conn.execute(query("release_presence"), {"run_id": run_id})
+
+
+def matchmaker_present(conn: Conn) -> bool:
+    """Whether any matchmaker run holds a valid presence lease."""
+    row = conn.execute(query("matchmaker_present")).fetchone()
+    return bool(row and row[0])
+
+
+def claimable_event_code(conn: Conn) -> str | None:
+    """The code of an event with a row claimable now, without claiming it."""
+    row = conn.execute(query("claimable_event_code")).fetchone()
+    return str(row[0]) if row else None

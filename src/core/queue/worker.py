@@ -117,6 +117,10 @@ class WorkerReport:
     deferred: int = 0
     icebreakers_written: int = 0
     breaker_open: bool = False
+    # lingering (a woken run): seconds spent polling an empty queue, and the event this
+    # run woke a successor for when its deadline left work behind
+    lingered_s: float = 0.0
+    woke_for: str | None = None
 
     def add(self, batch: BatchResult) -> None:
         self.batches += 1
@@ -194,6 +198,8 @@ class Matchmaker:
         self.states: dict[int, EventState] = {}
         self.cost = CostModel()
         self.session: tuple[Conn, int] | None = None
+        # how a lingering run waits between polls (tests drive the polls through it)
+        self.pause: Callable[[float], None] = time.sleep
 
     def run(
         self,
@@ -205,6 +211,8 @@ class Matchmaker:
         on_batch: Callable[[BatchResult], None] | None = None,
         on_dead: Callable[[list[QueueOutcome]], None] | None = None,
         first_event_ids: Sequence[int] = (),
+        linger_s: float = 0.0,
+        wake: Callable[[str], object] | None = None,
     ) -> WorkerReport:
         """Process batches until the queue is drained or `deadline` (time.monotonic()) nears.
 
@@ -212,6 +220,14 @@ class Matchmaker:
         that order, each until it has nothing claimable; then every event in turn.
         Dead rows (attempts exhausted, by failure or lease expiry) are handed to on_dead,
         which sends them to the dead-letter queue in AWS.
+
+        With `linger_s` > 0 (a run the wake queue started) the run is *present*: it holds
+        a presence lease from the start, and once the queue is dry it keeps polling every
+        WAKE_POLL_SECONDS until it has found nothing for `linger_s`; the API sends no wake
+        while the lease is valid; an idle run leaves at once when a run that came before
+        it is present (that one polls). It leaves by the exit protocol (`_leave`): lease
+        deleted and committed, then one last look; work found then is served, or, when the
+        deadline leaves no room, handed to a new run through `wake(event_code)`.
         """
         started = time.monotonic()
         self.deadline = deadline
@@ -240,9 +256,16 @@ class Matchmaker:
         size = batch_size or self.settings.batch_size
         # A run restricted to one event has nothing else to put first.
         first = list(dict.fromkeys(first_event_ids)) if event_id is None else []
+        # Only a run free to serve any event may stand in for a wake.
+        run_id = uuid.uuid4() if linger_s > 0 and event_id is None else None
+        present = run_id is not None
+        # another run that came before this one is present: when idle, leave it the polling
+        older_present = run_id is not None and self._hold(conn, run_id)
+        idle_since: float | None = None
         while True:
             remaining = deadline - time.monotonic()
-            if remaining < max(MIN_HEADROOM_S, HEADROOM_FACTOR * slowest):
+            headroom = max(MIN_HEADROOM_S, HEADROOM_FACTOR * slowest)
+            if remaining < headroom:
                 report.stopped = "deadline"
                 break
             claimed: list[ClaimedRow] = []
@@ -253,7 +276,30 @@ class Matchmaker:
             if not claimed:
                 claimed = repo.claim(conn, size, self.settings.lease_seconds, event_id)
             if not claimed:
-                break
+                if not present or run_id is None:
+                    break
+                now = time.monotonic()
+                idle_since = now if idle_since is None else idle_since
+                poll_s = self.settings.wake_poll_seconds
+                lingering = now - idle_since < linger_s and not older_present
+                if lingering and remaining - poll_s >= headroom:
+                    self.pause(poll_s)
+                    report.lingered_s += time.monotonic() - now
+                    older_present = self._hold(conn, run_id)
+                    continue
+                present = False
+                left_behind = self._leave(conn, run_id)
+                if left_behind is None:
+                    break
+                # Queued while we were leaving (the API saw our lease and sent no wake).
+                if deadline - time.monotonic() < headroom:
+                    report.stopped = "deadline"
+                    report.woke_for = self._wake_successor(wake, left_behind)
+                    break
+                present, older_present = True, self._hold(conn, run_id)
+                idle_since = None
+                continue
+            idle_since = None
             if len(claimed) == size:
                 claimed += self._claim_backlog(conn, claimed[0].event_id, size, remaining)
             batch = self.process_claimed(conn, claimed)
@@ -264,11 +310,45 @@ class Matchmaker:
                 on_dead(batch.dead)
             if on_batch:
                 on_batch(batch)
+            if present and run_id is not None:  # a long batch may have let it lapse
+                older_present = self._hold(conn, run_id)
+        if present and run_id is not None:  # stopped at the deadline while present
+            left_behind = self._leave(conn, run_id)
+            if left_behind is not None:
+                report.woke_for = self._wake_successor(wake, left_behind)
         report.icebreakers_written = self._catch_up_icebreakers(conn)
         if self.provider_checks:
             report.breaker_open = self._breaker_state(conn)
         report.elapsed_s = time.monotonic() - started
         return report
+
+    def _hold(self, conn: Conn, run_id: uuid.UUID) -> bool:
+        """Hold or renew this run's presence lease (WAKE_PRESENCE_LEASE_SECONDS); True
+        when a run that came before this one is present too."""
+        return repo.hold_presence(
+            conn, run_id, self.worker_id, self.settings.wake_presence_lease_seconds
+        )
+
+    def _leave(self, conn: Conn, run_id: uuid.UUID) -> str | None:
+        """The exit protocol of a present run: delete the lease and commit, THEN look for
+        claimable work once more; the code of an event that has some, or None.
+
+        Why no wake is lost: the API reads the lease after the commit that queued its
+        row. If it saw the lease (and sent no wake), that read came before the lease's
+        deletion committed, so this look, which starts after the deletion, sees the row.
+        If it did not see the lease, it sent a wake."""
+        repo.release_presence(conn, run_id)
+        return repo.claimable_event_code(conn)
+
+    @staticmethod
+    def _wake_successor(wake: Callable[[str], object] | None, event_code: str) -> str | None:
+        """No time left for work queued while this run was present: start another run
+        rather than leave it to the schedule."""
+        if wake is None:
+            return None
+        wake(event_code)
+        logger.info("woke a successor run", extra={"event_code": event_code})
+        return event_code
 
     def _check_provider(self, conn: Conn) -> None:
         """At the start of a run: probe the provider if its breaker is open and a probe is
@@ -721,11 +801,14 @@ def run_worker(
     matchmaker: Matchmaker | None = None,
     on_dead: Callable[[list[QueueOutcome]], None] | None = None,
     first_event_ids: Sequence[int] = (),
+    linger_s: float = 0.0,
+    wake: Callable[[str], object] | None = None,
 ) -> WorkerReport:
     """Recover expired leases, then claim and process batches (the events of
     `first_event_ids` first) until the queue is drained or `deadline` (a time.monotonic()
-    value) nears. Pass a long-lived `matchmaker` to keep event state between invocations
-    (a warm Lambda container)."""
+    value) nears; with `linger_s`, keep polling that long after the queue ran dry (see
+    Matchmaker.run). Pass a long-lived `matchmaker` to keep event state between
+    invocations (a warm Lambda container)."""
     worker = matchmaker or Matchmaker(settings)
     return worker.run(
         conn,
@@ -734,4 +817,6 @@ def run_worker(
         event_id=event_id,
         on_dead=on_dead,
         first_event_ids=first_event_ids,
+        linger_s=linger_s,
+        wake=wake,
     )

@@ -630,3 +630,28 @@ SELECT count(*) AS pairs, count(i.profile_id) AS with_icebreaker
   LEFT JOIN icebreakers i ON i.event_id = m.event_id AND i.profile_id = m.profile_id
        AND i.matched_profile_id = m.matched_profile_id
  WHERE m.event_id = %(event_id)s
+
+-- name: hold_presence
+-- A lingering matchmaker run holds (or renews) its lease: while it is valid the API sends
+-- no wake, since this run will claim what the API queued (db/migrations/0011). True when
+-- a run that came before this one is present too.
+SELECT mm_hold_presence(%(run_id)s, %(worker_id)s, %(lease_s)s)
+
+-- name: release_presence
+-- The run leaves; once this commits the API wakes again. The run then looks once more.
+SELECT mm_release_presence(%(run_id)s)
+
+-- name: matchmaker_present
+-- Is any run's lease valid? Read by the API after the commit that queued work.
+SELECT EXISTS (SELECT 1 FROM matchmaker_presence WHERE lease_until > clock_timestamp())
+
+-- name: claimable_event_code
+-- The code of an event with a row mm_claim would hand out now (pending, due, event not
+-- paused), or nothing: the leaving run's last look, without claiming.
+SELECT e.code
+  FROM matchmaking_queue q
+  JOIN events e ON e.id = q.event_id
+  LEFT JOIN matchmaking_jobs j ON j.event_id = q.event_id
+ WHERE q.status = 'pending' AND q.run_after <= now()
+   AND coalesce(j.status, 'running') <> 'paused'
+ LIMIT 1
