@@ -89,6 +89,11 @@ HUB_BIO = (
     "Always happy to connect with people building the future of technology.",
     "Love networking and growth opportunities in the startup ecosystem.",
 )
+# Bio sentence frames, several per intent with different words, so that frames are not a
+# vocabulary every profile shares.
+BIO_FOCUS = ("Working on {}.", "Building in {}.", "Focused on {}.", "My field is {}.")
+BIO_SEEK = ("Looking for {}.", "Seeking {}.", "Hoping to meet {}.", "In search of {}.")
+BIO_OFFER = ("Happy to help with {}.", "Can offer {}.", "Glad to share {}.", "Bringing {}.")
 NOISE_INTERESTS = (
     "coffee",
     "running",
@@ -284,10 +289,12 @@ def _render(rng: random.Random, user_id: str, person: LatentAttendee, n_companie
 
     seeking, offering = tags(person.seeks), tags(person.offers)
     topic_phrase = " and ".join(rng.choice(TOPIC_FORMS[t]) for t in sorted(person.topics))
+    sought = rng.choice(CONCEPT_FORMS[rng.choice(sorted(person.seeks))])
+    offered = rng.choice(CONCEPT_FORMS[rng.choice(sorted(person.offers))])
     sentences = [
-        f"Working on {topic_phrase}.",
-        f"Looking for {rng.choice(CONCEPT_FORMS[rng.choice(sorted(person.seeks))])}.",
-        f"Happy to help with {rng.choice(CONCEPT_FORMS[rng.choice(sorted(person.offers))])}.",
+        rng.choice(BIO_FOCUS).format(topic_phrase),
+        rng.choice(BIO_SEEK).format(sought),
+        rng.choice(BIO_OFFER).format(offered),
     ]
     if generic:
         sentences = [rng.choice(HUB_BIO), rng.choice(HUB_BIO), sentences[rng.randint(0, 2)]]
