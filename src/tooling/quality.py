@@ -51,6 +51,7 @@ from tooling.progress import Progress
 
 MODES = ("none", "hubness")
 WARM_UP_ATTENDEES = 200
+MOST_LISTED_SHARE = 0.01
 
 Lists = Mapping[int, Sequence[int]]  # owner -> listed attendees, in rank order
 Truth = Callable[[np.ndarray[Any, Any], np.ndarray[Any, Any]], np.ndarray[Any, Any]]
@@ -88,6 +89,16 @@ def coverage(lists: Lists, attendees: int) -> float | None:
     return len(appearances(lists)) / attendees if attendees else None
 
 
+def generic_share_of_most_listed(lists: Lists, generic: Sequence[bool], top_n: int) -> float | None:
+    """Of the `top_n` most-listed attendees (ties by index), the fraction that is generic
+    (`generic[i]`: whether attendee i is)."""
+    counts = appearances(lists)
+    if not counts or top_n < 1:
+        return None
+    top = sorted(counts, key=lambda person: (-counts[person], person))[:top_n]
+    return sum(generic[person] for person in top) / len(top)
+
+
 def changed_lists(before: Lists, after: Lists) -> int:
     """How many of the lists in `before` differ in `after` (other members or another
     order; a list that is gone counts as changed). New owners in `after` do not count."""
@@ -122,6 +133,9 @@ class ModeResult:
     gini: float | None
     max_appearances: int
     mean_appearances: float | None
+    # Of the 1 % most-listed attendees, the share whose profiles are generic (mostly hub
+    # words, tooling.planted): whether the hubs are the planted ones.
+    generic_among_most_listed: float | None = None
     joins: int = 0
     churn: Spread | None = None
     written: Spread | None = None
@@ -257,6 +271,11 @@ def measure_lists(
         gini=exposure.gini,
         max_appearances=exposure.max_appearances,
         mean_appearances=exposure.mean_appearances,
+        generic_among_most_listed=generic_share_of_most_listed(
+            lists,
+            [person.generic for person in planted.latent],
+            max(1, round(MOST_LISTED_SHARE * active)),
+        ),
     )
 
 
@@ -347,6 +366,7 @@ ROWS: list[tuple[str, Callable[[ModeResult], float | None], int]] = [
     ("Gini of appearances", lambda r: r.gini, 3),
     ("most-listed count", lambda r: r.max_appearances, 0),
     ("mean appearances", lambda r: r.mean_appearances, 2),
+    ("generic in top 1% listed", lambda r: r.generic_among_most_listed, 2),
     ("churn/join mean", lambda r: r.churn.mean if r.churn else None, 2),
     ("churn/join p95", lambda r: r.churn.p95 if r.churn else None, 1),
     ("churn/join max", lambda r: r.churn.max if r.churn else None, 0),

@@ -29,6 +29,7 @@ from tooling.quality import (
     changed_lists,
     coverage,
     format_comparison,
+    generic_share_of_most_listed,
     precision_at_k,
     spread,
 )
@@ -162,6 +163,15 @@ def test_churn_counts_exactly_the_lists_that_changed() -> None:
     assert changed_lists(before, after) == 2
     assert changed_lists(before, {k: v for k, v in after.items() if k != 4}) == 3  # gone
     assert changed_lists(before, before) == 0
+
+
+def test_generic_share_of_the_most_listed() -> None:
+    lists = {0: [1, 2], 1: [2, 3], 2: [1, 3], 3: [2, 0]}  # 2: 3 times, 1 and 3: twice, 0: once
+    generic = [True, False, True, True]
+    assert generic_share_of_most_listed(lists, generic, 1) == 1.0  # attendee 2
+    assert generic_share_of_most_listed(lists, generic, 2) == 0.5  # 2, then 1 (tie by index)
+    assert generic_share_of_most_listed(lists, generic, 4) == 0.75
+    assert generic_share_of_most_listed({}, generic, 1) is None
 
 
 def test_spread() -> None:
