@@ -321,7 +321,11 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
             sizes=_positive_ints(args.attendees, "--attendees"),
             seed=args.seed,
             joins=args.joins,
-            modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+            modes=(
+                [m.strip() for m in args.modes.split(",") if m.strip()]
+                if args.modes
+                else quality.available_modes()
+            ),
             hubness_m=args.hubness_m,
             show_progress=not args.quiet,
         )
@@ -571,7 +575,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attendees", default="1000,5000,20000", help="event sizes, comma-separated")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--joins", type=int, default=20, help="newcomers joined one at a time")
-    p.add_argument("--modes", default="none,hubness", help="exposure corrections to compare")
+    p.add_argument(
+        "--modes",
+        help="exposure corrections to compare, comma-separated (default: every one this "
+        "build has: none,hubness)",
+    )
     p.add_argument("--hubness-m", type=int, help="the correction's m (default: the event's)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--json", help="write the figures to this JSON file")

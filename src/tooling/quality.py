@@ -149,19 +149,24 @@ class SizeComparison:
     modes: list[ModeResult] = field(default_factory=list)
 
 
+def correction_available() -> bool:
+    """Whether this build has the exposure correction setting (issue 17.1)."""
+    return "exposure_correction" in SettingsPatch.model_fields
+
+
+def available_modes() -> list[str]:
+    """Every mode this build can set: `none` alone until the correction is in."""
+    return list(MODES) if correction_available() else ["none"]
+
+
 @dataclass
 class EvalOptions:
     sizes: list[int]
     seed: int = 7
     joins: int = 20
-    modes: list[str] = field(default_factory=lambda: list(MODES))
+    modes: list[str] = field(default_factory=available_modes)
     hubness_m: int | None = None  # None: the event's default
     show_progress: bool = True
-
-
-def correction_available() -> bool:
-    """Whether this build has the exposure correction setting (issue 17.1)."""
-    return "exposure_correction" in SettingsPatch.model_fields
 
 
 def check_modes(modes: Sequence[str]) -> None:
