@@ -92,11 +92,24 @@ def coverage(lists: Lists, attendees: int) -> float | None:
 def generic_share_of_most_listed(lists: Lists, generic: Sequence[bool], top_n: int) -> float | None:
     """Of the `top_n` most-listed attendees (ties by index), the fraction that is generic
     (`generic[i]`: whether attendee i is)."""
+    top = most_listed(lists, top_n)
+    return sum(generic[person] for person in top) / len(top) if top else None
+
+
+def most_listed(lists: Lists, top_n: int) -> list[int]:
+    """The `top_n` most-listed attendees, ties by index."""
     counts = appearances(lists)
-    if not counts or top_n < 1:
+    return sorted(counts, key=lambda person: (-counts[person], person))[: max(top_n, 0)]
+
+
+def precision_naming(lists: Lists, truth: Truth, named: set[int]) -> float | None:
+    """The share of relevant entries among the list entries that name someone in `named`
+    (are the most-listed people listed for good reasons?); None when no entry does."""
+    pairs = [(owner, m) for owner, listed in lists.items() for m in listed if m in named]
+    if not pairs:
         return None
-    top = sorted(counts, key=lambda person: (-counts[person], person))[:top_n]
-    return sum(generic[person] for person in top) / len(top)
+    a, b = (np.array(side, dtype=np.int64) for side in zip(*pairs, strict=True))
+    return float(truth(a, b).mean())
 
 
 def changed_lists(before: Lists, after: Lists) -> int:
@@ -136,6 +149,8 @@ class ModeResult:
     # Of the 1 % most-listed attendees, the share whose profiles are generic (mostly hub
     # words, tooling.planted): whether the hubs are the planted ones.
     generic_among_most_listed: float | None = None
+    # precision@k restricted to the list entries that name one of those 1 %.
+    precision_naming_most_listed: float | None = None
     joins: int = 0
     churn: Spread | None = None
     written: Spread | None = None
@@ -266,6 +281,7 @@ def measure_lists(
     active = repo.event_size(conn, event.id)
     lists = lists_by_index(conn, event.id, planted.index_of())
     exposure = event_status(conn, event, settings, lambda: None).exposure
+    top_n = max(1, round(MOST_LISTED_SHARE * active))
     return ModeResult(
         mode=mode,
         attendees=active,
@@ -277,9 +293,10 @@ def measure_lists(
         max_appearances=exposure.max_appearances,
         mean_appearances=exposure.mean_appearances,
         generic_among_most_listed=generic_share_of_most_listed(
-            lists,
-            [person.generic for person in planted.latent],
-            max(1, round(MOST_LISTED_SHARE * active)),
+            lists, [person.generic for person in planted.latent], top_n
+        ),
+        precision_naming_most_listed=precision_naming(
+            lists, planted.relevant_pairs, set(most_listed(lists, top_n))
         ),
     )
 
@@ -372,6 +389,7 @@ ROWS: list[tuple[str, Callable[[ModeResult], float | None], int]] = [
     ("most-listed count", lambda r: r.max_appearances, 0),
     ("mean appearances", lambda r: r.mean_appearances, 2),
     ("generic in top 1% listed", lambda r: r.generic_among_most_listed, 2),
+    ("precision naming top 1%", lambda r: r.precision_naming_most_listed, 3),
     ("churn/join mean", lambda r: r.churn.mean if r.churn else None, 2),
     ("churn/join p95", lambda r: r.churn.p95 if r.churn else None, 1),
     ("churn/join max", lambda r: r.churn.max if r.churn else None, 0),

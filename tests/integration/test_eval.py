@@ -118,6 +118,10 @@ def test_eval_none_end_to_end_in_process(conn: Conn, settings: Settings) -> None
     assert result.gini is not None and 0 <= result.gini < 1
     assert result.mean_appearances == pytest.approx(3.0, abs=0.05)
     assert result.max_appearances >= 3
+    assert result.generic_among_most_listed is not None
+    assert 0 <= result.generic_among_most_listed <= 1
+    assert result.precision_naming_most_listed is not None
+    assert 0 <= result.precision_naming_most_listed <= 1
     assert result.joins == 4 and result.churn is not None and result.written is not None
     assert result.churn.max <= result.written.max
     assert result.churn.mean <= result.written.mean
@@ -206,6 +210,8 @@ def test_eval_command_prints_the_table(db_url: str, tmp_path: Path, modes: str) 
         "coverage",
         "Gini of appearances",
         "most-listed count",
+        "generic in top 1% listed",
+        "precision naming top 1%",
         "churn/join mean",
         "churn/join p95",
         "churn/join max",

@@ -30,7 +30,9 @@ from tooling.quality import (
     coverage,
     format_comparison,
     generic_share_of_most_listed,
+    most_listed,
     precision_at_k,
+    precision_naming,
     spread,
 )
 
@@ -172,6 +174,17 @@ def test_generic_share_of_the_most_listed() -> None:
     assert generic_share_of_most_listed(lists, generic, 2) == 0.5  # 2, then 1 (tie by index)
     assert generic_share_of_most_listed(lists, generic, 4) == 0.75
     assert generic_share_of_most_listed({}, generic, 1) is None
+
+
+def test_precision_of_entries_naming_the_most_listed() -> None:
+    lists = {0: [1, 2], 1: [2, 3], 2: [1, 3], 3: [2, 0]}
+    truth = pair_truth({(0, 2), (3, 2), (0, 1)})
+    assert most_listed(lists, 2) == [2, 1]
+    # Entries naming 2: (0,2) (1,2) (3,2): two relevant.
+    assert precision_naming(lists, truth, {2}) == pytest.approx(2 / 3)
+    # Entries naming 1 or 2: (0,1) (0,2) (1,2) (2,1) (3,2): three relevant.
+    assert precision_naming(lists, truth, {1, 2}) == pytest.approx(3 / 5)
+    assert precision_naming(lists, truth, {7}) is None
 
 
 def test_spread() -> None:
