@@ -1,5 +1,4 @@
-"""`matchmaker` command line: migrate, import, run, export, status, verify, demo, bench,
-eval."""
+"""`matchmaker` command line: migrate, import, run, export, status, verify, demo, bench."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
@@ -333,12 +332,13 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
         if options.joins < 0:
             raise CliError(f"--joins: at least 0, got {options.joins}")
         with open_database(settings) as conn:
-            comparisons = []
-            for size in options.sizes:
-                # One size at a time, so each table is printed as soon as it is measured.
-                one = replace(options, sizes=[size])
-                comparisons += quality.run_eval(conn, settings, one)
-                print(quality.format_comparison(comparisons[-1]) + "\n", flush=True)
+            comparisons = quality.run_eval(
+                conn,
+                settings,
+                options,
+                # Each size's table as soon as it is measured.
+                on_size=lambda c: print(quality.format_comparison(c) + "\n", flush=True),
+            )
     except quality.EvalError as exc:
         raise CliError(str(exc)) from exc
     if args.json:

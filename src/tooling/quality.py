@@ -344,8 +344,13 @@ def warm_up(conn: Conn, settings: Settings) -> None:
 
 
 def run_eval(
-    conn: Conn, settings: Settings, options: EvalOptions, progress_out: TextIO = sys.stderr
+    conn: Conn,
+    settings: Settings,
+    options: EvalOptions,
+    progress_out: TextIO = sys.stderr,
+    on_size: Callable[[SizeComparison], None] | None = None,
 ) -> list[SizeComparison]:
+    """Every size under every mode; `on_size` sees each size's comparison once measured."""
     check_modes(options.modes)
     warm_up(conn, settings)
     comparisons = []
@@ -365,6 +370,8 @@ def run_eval(
                 )
             )
         comparisons.append(comparison)
+        if on_size:
+            on_size(comparison)
     return comparisons
 
 
