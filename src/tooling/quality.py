@@ -13,7 +13,7 @@ mode embeds and matches from scratch like the first), by the real worker on the 
   from the event status (core.api.status: the same figures the admin status shows);
 - **churn per join**: newcomers (the next attendees of the same planted stream) join one at
   a time, each drained alone; for each, how many existing lists changed (their ordered
-  members differ) and how many lists the worker wrote.
+  members differ), how many lists the worker wrote and how long its drain took.
 
 The correction is set through the service's settings path (the admin API's settings
 PATCH), so the evaluation uses the setting as an operator would.
@@ -122,14 +122,14 @@ def changed_lists(before: Lists, after: Lists) -> int:
 class Spread:
     mean: float
     p95: float
-    max: int
+    max: float
 
 
-def spread(counts: Sequence[int]) -> Spread | None:
+def spread(counts: Sequence[float]) -> Spread | None:
     if not counts:
         return None
     values = np.asarray(counts, dtype=np.float64)
-    return Spread(float(values.mean()), float(np.percentile(values, 95)), int(values.max()))
+    return Spread(float(values.mean()), float(np.percentile(values, 95)), float(values.max()))
 
 
 # --- one mode on one event --------------------------------------------------------------------
@@ -154,6 +154,7 @@ class ModeResult:
     joins: int = 0
     churn: Spread | None = None
     written: Spread | None = None
+    join_drain_ms: Spread | None = None
 
 
 @dataclass
@@ -260,10 +261,12 @@ def run_mode(
         result = measure_lists(
             conn, settings, event=event, planted=planted, mode=mode, drain_s=drain_s
         )
-        churn, written = join_one_at_a_time(
+        joins = join_one_at_a_time(
             conn, matchmaker, event_in=event_in, planted=planted, size=size, options=options
         )
-        result.joins, result.churn, result.written = len(churn), spread(churn), spread(written)
+        result.joins = len(joins.changed)
+        result.churn, result.written = spread(joins.changed), spread(joins.written)
+        result.join_drain_ms = spread(joins.drain_ms)
     finally:
         clean_up(conn, event, prefix)
     return result
@@ -301,6 +304,15 @@ def measure_lists(
     )
 
 
+@dataclass
+class JoinFigures:
+    """Per newcomer, in join order."""
+
+    changed: list[int] = field(default_factory=list)  # existing lists that changed
+    written: list[int] = field(default_factory=list)  # lists the worker wrote
+    drain_ms: list[float] = field(default_factory=list)  # the newcomer's drain, alone
+
+
 def join_one_at_a_time(
     conn: Conn,
     matchmaker: Matchmaker,
@@ -309,27 +321,27 @@ def join_one_at_a_time(
     planted: PlantedEvent,
     size: int,
     options: EvalOptions,
-) -> tuple[list[int], list[int]]:
-    """Per newcomer: existing lists changed, and lists the worker wrote."""
+) -> JoinFigures:
     event = repo.fetch_event(conn, event_in.code)
     assert event is not None
-    churn: list[int] = []
-    written: list[int] = []
+    figures = JoinFigures()
     newcomers = planted.profiles[size : size + options.joins]
     progress = Progress("joins", len(newcomers)) if options.show_progress else None
     before = lists_by_profile(conn, event.id)
     for done, profile in enumerate(newcomers, 1):
         import_profiles(conn, event_in, [profile])
+        start = time.perf_counter()
         report = drain(conn, matchmaker, show_progress=False)
+        figures.drain_ms.append((time.perf_counter() - start) * 1000)
         after = lists_by_profile(conn, event.id)
-        churn.append(changed_lists(before, after))
-        written.append(report.lists_written)
+        figures.changed.append(changed_lists(before, after))
+        figures.written.append(report.lists_written)
         before = after
         if progress:
             progress.update(done)
     if progress:
         progress.finish(len(newcomers))
-    return churn, written
+    return figures
 
 
 def warm_up(conn: Conn, settings: Settings) -> None:
@@ -401,6 +413,8 @@ ROWS: list[tuple[str, Callable[[ModeResult], float | None], int]] = [
     ("churn/join p95", lambda r: r.churn.p95 if r.churn else None, 1),
     ("churn/join max", lambda r: r.churn.max if r.churn else None, 0),
     ("lists written/join mean", lambda r: r.written.mean if r.written else None, 2),
+    ("join drain ms mean", lambda r: r.join_drain_ms.mean if r.join_drain_ms else None, 1),
+    ("join drain ms p95", lambda r: r.join_drain_ms.p95 if r.join_drain_ms else None, 1),
     ("drain s", lambda r: r.drain_s, 2),
 ]
 

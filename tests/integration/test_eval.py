@@ -125,6 +125,7 @@ def test_eval_none_end_to_end_in_process(conn: Conn, settings: Settings) -> None
     assert result.joins == 4 and result.churn is not None and result.written is not None
     assert result.churn.max <= result.written.max
     assert result.churn.mean <= result.written.mean
+    assert result.join_drain_ms is not None and 0 < result.join_drain_ms.mean < 60_000
     assert repo.fetch_event(conn, "eval-200-none") is None
     assert repo.fetch_event(conn, "eval-warm-up") is None
 
@@ -215,6 +216,7 @@ def test_eval_command_prints_the_table(db_url: str, tmp_path: Path, modes: str) 
         "churn/join mean",
         "churn/join p95",
         "churn/join max",
+        "join drain ms mean",
         "drain s",
     ):
         cells = row(result.stdout, title)
