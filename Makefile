@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(VENV)/bin/matchmaker bench --sizes $${SIZES:-500,2000,10000,50000} --json bench-results.json
 	$(VENV)/bin/matchmaker bench --latency --latency-attendees $${LATENCY_ATTENDEES:-10000} \
 		--json bench-latency.json
+	$(VENV)/bin/matchmaker eval --attendees $${EVAL_ATTENDEES:-1000,5000} --json bench-quality.json
 
 # Regenerate the committed OpenAPI document (a test fails when it drifts from the code).
 openapi: $(STAMP)

@@ -311,6 +311,58 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK if all(r.verified in (True, None) for r in results) else EXIT_PROBLEM
 
 
+def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
+    """Quality against a planted truth, side by side per exposure correction mode."""
+    from tooling import quality  # noqa: PLC0415 - only this command needs it
+
+    try:
+        options = quality.EvalOptions(
+            sizes=_positive_ints(args.attendees, "--attendees"),
+            seed=args.seed,
+            joins=args.joins,
+            modes=(
+                [m.strip() for m in args.modes.split(",") if m.strip()]
+                if args.modes
+                else quality.available_modes()
+            ),
+            hubness_m=args.hubness_m,
+            show_progress=not args.quiet,
+        )
+        quality.check_modes(options.modes)
+        if options.joins < 0:
+            raise CliError(f"--joins: at least 0, got {options.joins}")
+        with open_database(settings) as conn:
+            comparisons = quality.run_eval(
+                conn,
+                settings,
+                options,
+                # Each size's table as soon as it is measured.
+                on_size=lambda c: print(quality.format_comparison(c) + "\n", flush=True),
+            )
+    except quality.EvalError as exc:
+        raise CliError(str(exc)) from exc
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {"machine": machine_description(), "eval": [asdict(c) for c in comparisons]},
+                indent=2,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
+    return EXIT_OK
+
+
+def _positive_ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise CliError(f"{option}: a comma-separated list of whole numbers, got {text!r}") from None
+    if not values or any(v < 2 for v in values):
+        raise CliError(f"{option}: every size must be at least 2, got {text!r}")
+    return values
+
+
 def cmd_latency(args: argparse.Namespace, settings: Settings) -> int:
     """Join-to-match latency through HTTP against the local stack (tooling.latency)."""
     from tooling.latency import (  # noqa: PLC0415 - starts the local stack
@@ -511,6 +563,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-rate", type=float, default=4.0, help="joins per second")
     p.add_argument("--latency-burst", type=int, default=200, help="newcomers sent at once")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "eval",
+        help="list quality against a planted truth: precision, exposure, churn per join",
+        description="Generate events with a planted truth the embedder does not see, match "
+        "each under every exposure correction mode (in fresh events, from scratch) and print "
+        "precision@k, coverage, the Gini of appearances, the most-listed count, list churn "
+        "per join and the drain time, side by side (docs/quality.md).",
+    )
+    p.add_argument("--attendees", default="1000,5000,20000", help="event sizes, comma-separated")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--joins", type=int, default=20, help="newcomers joined one at a time")
+    p.add_argument(
+        "--modes",
+        help="exposure corrections to compare, comma-separated (default: every one this "
+        "build has: none,hubness)",
+    )
+    p.add_argument("--hubness-m", type=int, help="the correction's m (default: the event's)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--json", help="write the figures to this JSON file")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="the HTTP API, schedule and SQS on this machine")
     p.add_argument(
