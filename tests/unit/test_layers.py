@@ -397,3 +397,54 @@ def test_handlers_load_botocore_but_not_boto3(handler: str) -> None:
     """core.aws uses botocore directly: boto3 would add 30 to 55 ms to a cold start
     (s3transfer, multiprocessing), and so would Powertools Parameters (it imports boto3)."""
     assert modules_loaded_after_import(handler, ["botocore", *BOTO3]) == ["botocore"]
+
+
+# What the API's cold start leaves to the code that needs it (docs/performance.md, "Cold
+# starts: what no request needs"): Powertools' OpenAPI document models serve only
+# handlers.api.openapi_document(), never a request.
+API_DEFERRED = ["aws_lambda_powertools.event_handler.openapi.models"]
+
+
+def test_deferred_probe_sees_what_is_loaded() -> None:
+    assert modules_loaded_after_import(API_DEFERRED[0], API_DEFERRED) == API_DEFERRED
+
+
+def test_api_handler_imports_no_openapi_document_models() -> None:
+    assert modules_loaded_after_import("handlers.api", API_DEFERRED) == []
+
+
+VALIDATED_REQUEST = """
+import json, sys
+import handlers.api
+
+class Context:
+    function_name = "matchmaker-ApiFunction"
+    memory_limit_in_mb = 512
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:matchmaker-ApiFunction"
+    aws_request_id = "req-1"
+
+event = json.load(open("events/api/create_event.json"))
+event["body"] = json.dumps({"code": "techconf-2026", "settings": {"k": "many"}})
+answer = handlers.api.lambda_handler(event, Context())
+print(answer["statusCode"], *[n for n in NAMES if n in sys.modules])
+"""
+
+
+def test_a_validated_request_needs_no_openapi_document_models() -> None:
+    """The resolver validates a body (here: 422) with the routes' annotations alone: the
+    models deferred at import are not loaded by serving a request either."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    env["POWERTOOLS_METRICS_DISABLED"] = "true"
+    code = f"NAMES = {API_DEFERRED!r}\n{VALIDATED_REQUEST}"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1:] == ["422"], result.stdout
