@@ -392,10 +392,13 @@ def test_boto3_probe_sees_what_is_loaded() -> None:
     assert modules_loaded_after_import("boto3", BOTO3) == ["boto3", "s3transfer"]
 
 
-@pytest.mark.parametrize("handler", ["handlers.api", "handlers.migrate", "handlers.redrive"])
+@pytest.mark.parametrize(
+    "handler", ["handlers.api", "handlers.migrate", "handlers.redrive", "handlers.matchmaker"]
+)
 def test_handlers_load_botocore_but_not_boto3(handler: str) -> None:
     """core.aws uses botocore directly: boto3 would add 30 to 55 ms to a cold start
-    (s3transfer, multiprocessing), and so would Powertools Parameters (it imports boto3)."""
+    (s3transfer, multiprocessing), and so would Powertools Parameters (it imports boto3);
+    the worker reads the OpenAI key through core.aws too."""
     assert modules_loaded_after_import(handler, ["botocore", *BOTO3]) == ["botocore"]
 
 
