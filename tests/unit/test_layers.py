@@ -451,3 +451,36 @@ def test_a_validated_request_needs_no_openapi_document_models() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-1:] == ["422"], result.stdout
+
+
+MODELS_BUILT = """
+import inspect, sys
+import pydantic
+import handlers.api
+import core.api.schemas, core.models
+print(*sorted(
+    name
+    for module in (core.api.schemas, core.models)
+    for name, model in vars(module).items()
+    if inspect.isclass(model) and issubclass(model, pydantic.BaseModel)
+    and model.__module__ == module.__name__ and model.__pydantic_complete__
+))
+"""
+
+
+def test_api_handler_builds_no_request_or_response_model_at_import() -> None:
+    """Models are DeferredModel (defer_build): pydantic builds a route's models on its first
+    request, not all of them at every cold start."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-c", MODELS_BUILT],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == []
