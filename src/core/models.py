@@ -48,7 +48,14 @@ Tag = Annotated[
 TagList = Annotated[list[Tag], Field(max_length=MAX_TAGS)]
 
 
-class StrictModel(BaseModel):
+class DeferredModel(BaseModel):
+    """Validator and serializer built on first use, not at import: each API request uses
+    a few of the models, and building all of them at import was cold-start time."""
+
+    model_config = ConfigDict(defer_build=True)
+
+
+class StrictModel(DeferredModel):
     """Rejects unknown fields by name, so a typo never silently drops data, and wrong types
     instead of coercing them ("false" is not a boolean, "3" is not a number)."""
 
@@ -142,7 +149,7 @@ class EventIn(StrictModel):
     settings: EventSettings = Field(default_factory=EventSettings)
 
 
-class Match(BaseModel):
+class Match(DeferredModel):
     user_id: str
     rank: int
     score: float
@@ -150,7 +157,7 @@ class Match(BaseModel):
     icebreaker: str | None = None
 
 
-class AttendeeMatches(BaseModel):
+class AttendeeMatches(DeferredModel):
     user_id: str
     matches: list[Match]
 

@@ -44,6 +44,7 @@ from tests.integration.api_support import (
     TABLES,
     WORKER_FUNCTION,
     Api,
+    FakeLambdaContext,
     Invocation,
     as_admin,
     as_attendee,
@@ -522,6 +523,36 @@ def test_trigger_in_sync_mode_writes_the_matches_before_answering(api, conn):
     assert all(len(v) == 3 for v in lists.values())
     assert verify_event(conn, event, default_embedder(event).key).ok
     assert api.invocations == []
+
+
+def test_trigger_in_sync_mode_does_not_wait_for_a_row_waiting_out_a_retry(api, conn):
+    """Given 12 matched attendees and Ada re-queued after a failed attempt, backing off for an
+    hour, when trigger_sync.json is sent with 4 s left in the Lambda, then 200 at once (the
+    backoff is no live work: waiting for it could only time out) and admin status agrees:
+    nothing pending or running, Ada waiting for a retry, her row untouched."""
+    event = seed(conn, crowd=10)
+    assert api(request("trigger_sync")).json["matched"] == 12
+    repo.enqueue_for_matching(
+        conn, event.id, user_ids=[ADA], only_unmatched=False, priority=2, reason="profile"
+    )
+    conn.execute(
+        "UPDATE matchmaking_queue SET attempts = 1, last_error = 'provider down',"
+        " run_after = now() + interval '1 hour' WHERE event_id = %s AND status = 'pending'",
+        (event.id,),
+    )
+    backing_off = queue_rows(conn, event.id)
+    assert [(r["status"], r["attempts"]) for r in backing_off] == [("pending", 1)]
+
+    # (waiting for Ada would end in 503 matching_timeout after about 2 s)
+    reply = api(request("trigger_sync"), FakeLambdaContext(remaining_ms=4_000))
+
+    assert reply.status == 200, reply
+    assert (reply.json["queued"], reply.json["matched"]) == (0, 0)
+    assert queue_rows(conn, event.id) == backing_off
+    status = api(request("admin_status")).json
+    assert (status["queue"]["pending"], status["queue"]["running"]) == (0, 0)
+    assert status["queue"]["waiting_retry"] == 1
+    assert status["state"] == "needs_attention"
 
 
 def test_trigger_in_sync_mode_above_the_limit_is_413_and_matches_nothing(api, conn, monkeypatch):

@@ -20,9 +20,9 @@ from typing import Any
 
 import boto3
 import pytest
-from aws_lambda_powertools.utilities.parameters import base as parameters_base
 from pydantic import SecretStr
 
+import core.aws
 import core.settings
 import handlers.api
 import tooling.cli
@@ -395,9 +395,7 @@ def test_exposure_of_an_event_nobody_is_listed_in_has_no_gini(conn, settings, ma
 # --- the embedder serving the event --------------------------------------------------------
 
 
-def test_the_embedder_configured_vs_effective_with_and_without_an_openai_key(
-    conn, settings, fakes, monkeypatch
-):
+def test_the_embedder_configured_vs_effective_with_and_without_an_openai_key(conn, settings, fakes):
     """An 'openai' event is served by the local embedder without a key (and says why),
     by OpenAI with OPENAI_API_KEY or a secret holding a key, and reports no effective
     embedder when the secret cannot be read; each verdict is what embedder_for_event
@@ -407,8 +405,8 @@ def test_the_embedder_configured_vs_effective_with_and_without_an_openai_key(
         conn, "st-oai", generate_profiles(4, seed=2, id_prefix="eo-"), k=2, embedder="openai"
     )
     drain(conn, Matchmaker(settings))  # no key: the local embedder serves both
-    # Secrets through moto: no provider (and client) cached from before the mock.
-    monkeypatch.setattr(parameters_base, "DEFAULT_PROVIDERS", {})
+    # Secrets through moto: no client (nor secret) cached from before the mock.
+    core.aws.reset_clients()
     secret_arn = boto3.client("secretsmanager").create_secret(
         Name="st-openai-key", SecretString=json.dumps({"api_key": "sk-from-secret"})
     )["ARN"]

@@ -392,8 +392,95 @@ def test_boto3_probe_sees_what_is_loaded() -> None:
     assert modules_loaded_after_import("boto3", BOTO3) == ["boto3", "s3transfer"]
 
 
-@pytest.mark.parametrize("handler", ["handlers.api", "handlers.migrate", "handlers.redrive"])
+@pytest.mark.parametrize(
+    "handler", ["handlers.api", "handlers.migrate", "handlers.redrive", "handlers.matchmaker"]
+)
 def test_handlers_load_botocore_but_not_boto3(handler: str) -> None:
     """core.aws uses botocore directly: boto3 would add 30 to 55 ms to a cold start
-    (s3transfer, multiprocessing), and so would Powertools Parameters (it imports boto3)."""
+    (s3transfer, multiprocessing), and so would Powertools Parameters (it imports boto3);
+    the worker reads the OpenAI key through core.aws too."""
     assert modules_loaded_after_import(handler, ["botocore", *BOTO3]) == ["botocore"]
+
+
+# What the API's cold start leaves to the code that needs it (docs/performance.md, "Cold
+# starts: what no request needs"): Powertools' OpenAPI document models serve only
+# handlers.api.openapi_document(), never a request.
+API_DEFERRED = ["aws_lambda_powertools.event_handler.openapi.models"]
+
+
+def test_deferred_probe_sees_what_is_loaded() -> None:
+    assert modules_loaded_after_import(API_DEFERRED[0], API_DEFERRED) == API_DEFERRED
+
+
+def test_api_handler_imports_no_openapi_document_models() -> None:
+    assert modules_loaded_after_import("handlers.api", API_DEFERRED) == []
+
+
+VALIDATED_REQUEST = """
+import json, sys
+import handlers.api
+
+class Context:
+    function_name = "matchmaker-ApiFunction"
+    memory_limit_in_mb = 512
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:matchmaker-ApiFunction"
+    aws_request_id = "req-1"
+
+event = json.load(open("events/api/create_event.json"))
+event["body"] = json.dumps({"code": "techconf-2026", "settings": {"k": "many"}})
+answer = handlers.api.lambda_handler(event, Context())
+print(answer["statusCode"], *[n for n in NAMES if n in sys.modules])
+"""
+
+
+def test_a_validated_request_needs_no_openapi_document_models() -> None:
+    """The resolver validates a body (here: 422) with the routes' annotations alone: the
+    models deferred at import are not loaded by serving a request either."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    env["POWERTOOLS_METRICS_DISABLED"] = "true"
+    code = f"NAMES = {API_DEFERRED!r}\n{VALIDATED_REQUEST}"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1:] == ["422"], result.stdout
+
+
+MODELS_BUILT = """
+import inspect, sys
+import pydantic
+import handlers.api
+import core.api.schemas, core.models
+print(*sorted(
+    name
+    for module in (core.api.schemas, core.models)
+    for name, model in vars(module).items()
+    if inspect.isclass(model) and issubclass(model, pydantic.BaseModel)
+    and model.__module__ == module.__name__ and model.__pydantic_complete__
+))
+"""
+
+
+def test_api_handler_builds_no_request_or_response_model_at_import() -> None:
+    """Models are DeferredModel (defer_build): pydantic builds a route's models on its first
+    request, not all of them at every cold start."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-c", MODELS_BUILT],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == []

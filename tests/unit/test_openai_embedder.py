@@ -11,11 +11,14 @@ import urllib.request
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+import boto3
 import numpy as np
 import openai
 import pytest
+from moto import mock_aws
 from pydantic import SecretStr
 
+import core.aws
 from core.embedding import openai_provider as oe
 from core.embedding import selection as embedding
 from core.embedding.local import LocalEmbedder
@@ -25,6 +28,8 @@ from core.models import EventRecord, EventSettings, Profile
 from core.settings import Settings
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from tests.fake_openai import FakeOpenAI
 
 pytest_plugins = ("tests.fake_openai",)
@@ -244,18 +249,96 @@ def test_without_a_key_or_for_a_local_event_the_local_embedder_serves():
     assert isinstance(embedding.embedder_for_event(event("local"), keyed), LocalEmbedder)
 
 
+@pytest.fixture
+def secrets_manager(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """moto's Secrets Manager behind core.aws (fresh clients and secret cache)."""
+    for name, value in {
+        "AWS_DEFAULT_REGION": "eu-west-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    core.aws.reset_clients()
+    with mock_aws():
+        yield boto3.client("secretsmanager")
+    core.aws.reset_clients()
+
+
 @pytest.mark.parametrize("secret", ["sk-plain", '{"api_key": "sk-plain"}'])
-def test_the_key_can_come_from_secrets_manager(monkeypatch, secret):
-    """Given OPENAI_SECRET_ARN holding a plain key or {"api_key": ...}, then that key."""
-
-    def get_secret(arn: str, transform: str | None = None, max_age: int = 0) -> Any:
-        assert arn == "arn:aws:secretsmanager:eu-west-1:1:secret:openai"
-        return json.loads(secret) if transform == "json" else secret
-
-    monkeypatch.setattr(embedding.parameters, "get_secret", get_secret)
-    settings = settings_with(openai_secret_arn="arn:aws:secretsmanager:eu-west-1:1:secret:openai")
+def test_the_key_can_come_from_secrets_manager(secrets_manager, secret):
+    """Given OPENAI_SECRET_ARN holding a plain key or {"api_key": ...}, then that key, read
+    through core.aws (botocore, no boto3)."""
+    arn = secrets_manager.create_secret(Name="openai", SecretString=secret)["ARN"]
+    settings = settings_with(openai_secret_arn=arn)
     assert embedding.openai_api_key(settings) == "sk-plain"
     assert isinstance(embedding.embedder_for_event(event("openai"), settings), OpenAIEmbedder)
+
+
+def test_the_key_secret_is_read_once_and_again_after_five_minutes(secrets_manager, monkeypatch):
+    """The key is kept as Powertools Parameters kept it (max_age=300): one GetSecretValue,
+    then the cached value until it is 5 minutes old, then the rotated key."""
+    now = [1000.0]
+    monkeypatch.setattr(core.aws, "secrets", core.aws.SecretCache(clock=lambda: now[0]))
+    arn = secrets_manager.create_secret(Name="rotating", SecretString="sk-1")["ARN"]
+    reads: list[str] = []
+    core.aws.secrets_client().meta.events.register(
+        "provide-client-params.secrets-manager.GetSecretValue",
+        lambda params, **_: reads.append(params["SecretId"]),
+    )
+    settings = settings_with(openai_secret_arn=arn)
+
+    assert embedding.openai_api_key(settings) == "sk-1"
+    secrets_manager.put_secret_value(SecretId=arn, SecretString="sk-2")
+    now[0] += 299
+    assert embedding.openai_api_key(settings) == "sk-1"
+    assert len(reads) == 1
+    now[0] += 1
+    assert embedding.openai_api_key(settings) == "sk-2"
+    assert reads == [arn, arn]
+
+
+@pytest.mark.parametrize("problem", ["missing", "malformed JSON"])
+def test_an_unreadable_key_secret_fails_the_openai_event_and_says_why(secrets_manager, problem):
+    """Given OPENAI_SECRET_ARN missing or holding broken JSON, then an "openai" event has no
+    effective embedder (with the reason) and building its embedder raises, never falling
+    back silently; a "local" event is not affected."""
+    if problem == "missing":
+        arn = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:gone-AbCdEf"
+    else:
+        arn = secrets_manager.create_secret(Name="broken", SecretString='{"api_key": ')["ARN"]
+    settings = settings_with(openai_secret_arn=arn)
+    choice = embedding.effective_embedder(event("openai"), settings)
+    assert (choice.configured, choice.effective) == ("openai", None)
+    assert "OPENAI_SECRET_ARN cannot be read" in choice.reason
+    assert '"api_key"' not in choice.reason
+    with pytest.raises(embedding.OpenAISecretError):
+        embedding.embedder_for_event(event("openai"), settings)
+    assert isinstance(embedding.embedder_for_event(event("local"), settings), LocalEmbedder)
+
+
+def test_the_embedder_built_is_the_one_effective_embedder_chooses(secrets_manager):
+    """One rule: for every case effective_embedder reports, embedder_for_event builds that
+    embedder (no breaker given: the worker handles the breaker)."""
+    arn = secrets_manager.create_secret(Name="key", SecretString="sk-secret")["ARN"]
+    empty = secrets_manager.create_secret(Name="empty", SecretString='{"api_key": ""}')["ARN"]
+    cases = [
+        settings_with(),
+        settings_with(openai_api_key=SecretStr("sk-test")),
+        settings_with(openai_secret_arn=arn),
+        settings_with(openai_secret_arn=empty),
+    ]
+    built = {"openai": OpenAIEmbedder, "local": LocalEmbedder}
+    seen = set()
+    for settings in cases:
+        for configured in ("local", "openai"):
+            choice = embedding.effective_embedder(event(configured), settings)
+            assert choice.effective is not None
+            assert isinstance(
+                embedding.embedder_for_event(event(configured), settings), built[choice.effective]
+            )
+            seen.add((configured, choice.effective))
+    assert seen == {("local", "local"), ("openai", "local"), ("openai", "openai")}
 
 
 # --- classification: every provider outcome, once --------------------------------------

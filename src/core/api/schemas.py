@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from core.models import (
+    DeferredModel,
     EventCode,
     EventSettings,
     Profile,
@@ -99,7 +100,7 @@ class SettingsPatch(StrictModel):
     icebreakers: bool | None = None
 
 
-class EventOut(BaseModel):
+class EventOut(DeferredModel):
     code: str
     name: str
     settings: EventSettings
@@ -107,13 +108,13 @@ class EventOut(BaseModel):
     created: bool = False
 
 
-class AttendeeOut(BaseModel):
+class AttendeeOut(DeferredModel):
     event: str
     user_id: str
     status: Literal["joined", "updated", "unchanged"]
 
 
-class EnqueueOut(BaseModel):
+class EnqueueOut(DeferredModel):
     event: str
     queued: int
     mode: Literal["queue", "sync"]
@@ -124,7 +125,7 @@ class EnqueueOut(BaseModel):
 JobState = Literal["idle", "queued", "running", "paused", "needs_attention"]
 
 
-class QueueNowOut(BaseModel):
+class QueueNowOut(DeferredModel):
     """The event's queue as it is now (not lifetime figures)."""
 
     pending_by_priority: dict[str, int] = Field(
@@ -144,7 +145,7 @@ class QueueNowOut(BaseModel):
     )
 
 
-class TotalsOut(BaseModel):
+class TotalsOut(DeferredModel):
     """Lifetime totals of the event's matching (they only grow)."""
 
     processed: int = Field(description="attempts that completed (a user may count many times)")
@@ -154,7 +155,7 @@ class TotalsOut(BaseModel):
     lists_written: int
 
 
-class CoverageOut(BaseModel):
+class CoverageOut(DeferredModel):
     """How many active attendees have the list they can have."""
 
     k: int
@@ -171,7 +172,7 @@ class CoverageOut(BaseModel):
     full_ratio: float | None = Field(description="full_lists / active; null without attendees")
 
 
-class ExposureOut(BaseModel):
+class ExposureOut(DeferredModel):
     """How evenly attendees appear on each other's lists."""
 
     max_appearances: int = Field(description="lists the most-listed attendee is on")
@@ -182,7 +183,7 @@ class ExposureOut(BaseModel):
     )
 
 
-class EmbedderOut(BaseModel):
+class EmbedderOut(DeferredModel):
     configured: Literal["local", "openai"] = Field(description="what the event asks for")
     effective: Literal["local", "openai"] | None = Field(
         description="what serves it now; null when the OpenAI secret cannot be read"
@@ -201,7 +202,7 @@ class EmbedderOut(BaseModel):
     )
 
 
-class IcebreakersOut(BaseModel):
+class IcebreakersOut(DeferredModel):
     """Icebreaker coverage of the event's current lists (later runs fill in the pairs
     still without one, oldest first, within ICEBREAKERS_PER_RUN)."""
 
@@ -210,14 +211,14 @@ class IcebreakersOut(BaseModel):
     ratio: float | None = Field(description="with_icebreaker / pairs; null without entries")
 
 
-class DeadLetterQueueOut(BaseModel):
+class DeadLetterQueueOut(DeferredModel):
     """The dead-letter queue is shared: its depth counts every event's dead letters."""
 
     scope: Literal["all events"] = "all events"
     depth: int | None = Field(description="messages on the queue; null when not readable")
 
 
-class StatusOut(BaseModel):
+class StatusOut(DeferredModel):
     event: str
     state: JobState = Field(description="derived from the counts now, see docs/api.md")
     state_reason: str = Field(description="why the event is in this state, in words")
@@ -243,20 +244,20 @@ class StartOut(EnqueueOut):
     status: StatusOut
 
 
-class DeadLetterOut(BaseModel):
+class DeadLetterOut(DeferredModel):
     user_id: str
     attempts: int
     last_error: str | None
     dead_at: datetime | None
 
 
-class RedriveOut(BaseModel):
+class RedriveOut(DeferredModel):
     event: str
     requeued: int
     invoked: bool
 
 
-class ErrorOut(BaseModel):
+class ErrorOut(DeferredModel):
     """Every error answer: a stable machine-readable code, what to fix, and for invalid
     input the problem with each field."""
 

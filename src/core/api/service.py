@@ -40,7 +40,7 @@ from core.api.schemas import (
     StatusOut,
     TriggerIn,
 )
-from core.api.status import event_status
+from core.api.status import event_status, has_live_work, queue_now
 from core.data import repository as repo
 from core.data.conflicts import retry_conflicts
 from core.data.repository import Conn
@@ -242,7 +242,9 @@ def trigger(
 
 def _match_now(conn: Conn, settings: Settings, event: EventRecord, deadline: float) -> WorkerReport:
     """Match the event before answering. Rows another worker is processing (the schedule)
-    or that wait out a retry are waited for: 'drained' for this worker is not enough."""
+    are waited for: 'drained' for this worker is not enough. Rows waiting out a retry
+    backoff are not live work (the status's rule, has_live_work): waiting for them would
+    only end in a timeout; they stay queued and admin status shows them as waiting_retry."""
     from core.queue.worker import Matchmaker, run_worker  # noqa: PLC0415 - cold start
 
     worker = Matchmaker(settings)
@@ -257,9 +259,7 @@ def _match_now(conn: Conn, settings: Settings, event: EventRecord, deadline: flo
             matchmaker=worker,
         )
         completed += report.completed
-        queue = repo.job_status(conn, event.id)["queue"]
-        live = ("pending_p0", "pending_p1", "pending_p2", "pending_p3", "running")
-        if not any(int(queue.get(key) or 0) for key in live):
+        if not has_live_work(queue_now(conn, event.id)):
             report.completed = completed
             return report
         if time.monotonic() > deadline - SYNC_POLL_S:

@@ -43,6 +43,18 @@ def _retries(queue: QueueNowOut) -> str:
     return f"at {first}" if first == last else f"next {first}, last {last}"
 
 
+def has_live_work(queue: QueueNowOut) -> bool:
+    """Rows a worker claims now or is matching: pending rows that never failed, and running
+    rows under a live lease. Rows waiting out a retry backoff (or whose lease lapsed) are
+    not live work: they count as waiting_retry (the synchronous trigger agrees)."""
+    return queue.pending > 0 or queue.running > 0
+
+
+def queue_now(conn: Conn, event_id: int) -> QueueNowOut:
+    """The event's queue as the status shows it."""
+    return _queue(repo.status_figures(conn, event_id).queue)
+
+
 def job_state(paused: bool, queue: QueueNowOut, coverage: CoverageOut) -> tuple[JobState, str]:
     """The one place the state comes from: the first rule that holds, in this order."""
     if paused:
@@ -50,7 +62,7 @@ def job_state(paused: bool, queue: QueueNowOut, coverage: CoverageOut) -> tuple[
             f"paused: no worker claims its users ({queue.pending} pending, "
             f"{queue.waiting_retry} waiting for a retry, {queue.dead} dead)"
         )
-    idle_queue = queue.pending == 0 and queue.running == 0
+    idle_queue = not has_live_work(queue)
     stranded = coverage.missing_matches if idle_queue and queue.waiting_retry == 0 else 0
     if queue.dead or queue.waiting_retry or stranded:
         problems = []

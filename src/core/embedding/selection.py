@@ -6,20 +6,18 @@ when its effective embedder changes)."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
-from aws_lambda_powertools.utilities import parameters
-from aws_lambda_powertools.utilities.parameters.exceptions import (
-    GetParameterError,
-    TransformParameterError,
-)
+from botocore.exceptions import BotoCoreError, ClientError
 
+from core import aws
 from core.embedding.local import LocalEmbedder
 from core.models import EventRecord, Profile
 from core.observability import logger
@@ -92,20 +90,30 @@ class Embedder(Protocol):
     ) -> npt.NDArray[np.int16]: ...
 
 
+class OpenAISecretError(RuntimeError):
+    """OPENAI_SECRET_ARN cannot be read, or holds JSON that is malformed."""
+
+
 def openai_api_key(settings: Settings) -> str | None:
+    """OPENAI_API_KEY, else the key in the secret OPENAI_SECRET_ARN (a plain key or
+    {"api_key": "..."}), else None. Raises OpenAISecretError when the secret cannot be read."""
     if settings.openai_api_key is not None:
         return settings.openai_api_key.get_secret_value()
-    if settings.openai_secret_arn:
-        # Cached for 5 minutes across warm invocations; a plain key or {"api_key": "..."}.
-        secret: Any = parameters.get_secret(settings.openai_secret_arn, max_age=300)
-        if isinstance(secret, str) and secret.strip().startswith("{"):
-            secret = parameters.get_secret(
-                settings.openai_secret_arn, transform="json", max_age=300
-            )
-        if isinstance(secret, dict):
-            secret = secret.get("api_key")
-        return str(secret) if secret else None
-    return None
+    if not settings.openai_secret_arn:
+        return None
+    try:
+        # core.aws reads it with botocore (no boto3) and keeps it 5 minutes across warm
+        # invocations, as it does the database secret.
+        secret: Any = aws.secrets.get(settings.openai_secret_arn)
+        if secret.strip().startswith("{"):
+            secret = json.loads(secret)
+    except (BotoCoreError, ClientError) as exc:
+        raise OpenAISecretError(f"cannot read the secret ({type(exc).__name__})") from exc
+    except json.JSONDecodeError as exc:
+        raise OpenAISecretError("the secret is not valid JSON") from exc
+    if isinstance(secret, dict):
+        secret = secret.get("api_key")
+    return str(secret) if secret else None
 
 
 @cache
@@ -132,12 +140,18 @@ def configured_openai_embedder(settings: Settings) -> OpenAIEmbedder | None:
 
 
 def embedder_for_event(event: EventRecord, settings: Settings) -> Embedder:
-    """The embedder the event is configured for (the worker swaps in the local embedder
-    while the provider's circuit breaker is open)."""
-    if event.settings.embedder == "openai":
+    """The embedder that effective_embedder (the one rule) chooses for the event, built; the
+    worker swaps in the local embedder while the provider's circuit breaker is open.
+    Raises OpenAISecretError when the event asks for OpenAI and the secret cannot be read
+    (its batches fail until it can)."""
+    choice = effective_embedder(event, settings)
+    if choice.unreadable is not None:
+        raise choice.unreadable
+    if choice.effective == "openai":
         embedder = configured_openai_embedder(settings)
         if embedder is not None:
             return embedder
+    if choice.configured == "openai":
         logger.warning(
             "event asks for OpenAI embeddings but no key is configured; using the local embedder",
             extra={"event": event.code},
@@ -147,7 +161,8 @@ def embedder_for_event(event: EventRecord, settings: Settings) -> Embedder:
 
 @dataclass(frozen=True)
 class EmbedderChoice:
-    """What embedder_for_event decides for an event, told without building the embedder."""
+    """Which embedder serves an event and why (effective_embedder), told without building
+    it; embedder_for_event builds it."""
 
     configured: Literal["local", "openai"]
     effective: Literal["local", "openai"] | None  # None: the OpenAI secret cannot be read
@@ -155,6 +170,8 @@ class EmbedderChoice:
     # the provider's circuit breaker, when the event asks for OpenAI and a key is set
     breaker: Literal["closed", "open"] | None = None
     since: datetime | None = None  # when the breaker opened
+    # why the secret cannot be read (effective None): embedder_for_event raises it
+    unreadable: OpenAISecretError | None = field(default=None, repr=False, compare=False)
 
 
 def effective_embedder(
@@ -178,12 +195,13 @@ def effective_embedder(
     )
     try:
         key = openai_api_key(settings)
-    except (GetParameterError, TransformParameterError) as exc:
+    except OpenAISecretError as exc:
         return EmbedderChoice(
             configured,
             None,
             f"the event asks for OpenAI but {source} cannot be read "
-            f"({type(exc).__name__}): its batches fail until it can",
+            f"({exc}): its batches fail until it can",
+            unreadable=exc,
         )
     if key and breaker_of is not None:
         breaker = breaker_of(
