@@ -168,9 +168,11 @@ def test_100k_queue_cycles_leave_the_queue_tables_bounded(conn: Conn) -> None:
     run (50 rounds: mm_recover_leases, enqueue everyone, claim 40 at a time, complete,
     record the batch, as the worker does; a VACUUM every 10,000 cycles, as autovacuum
     would), then:
-    - matchmaking_queue is empty after every 10,000 and, after VACUUM, no larger at
-      100,000 than at 20,000 (finished rows are deleted, their space reused; B-tree pages
-      freed by one VACUUM are recycled after the next, so 20,000 is the steady state);
+    - matchmaking_queue is empty after every 10,000 and, after VACUUM, no larger over
+      the last 50,000 cycles than it got over the first 50,000 (finished rows are deleted,
+      their space reused; B-tree pages freed by one VACUUM are recycled only after a later
+      one, so the size settles after 20,000 to 40,000 cycles: measured 2.0-2.7 MB at
+      20,000, then flat at 2.7 MB; a leak grows through the second half and fails);
     - matchmaking_jobs holds one row for the event, with the right counters;
     - matchmaking_batches, one record per batch, is cut to the newest KEEP_MIN by the
       next invocation once those batches are spread over a month (older than KEEP);
@@ -189,7 +191,8 @@ def test_100k_queue_cycles_leave_the_queue_tables_bounded(conn: Conn) -> None:
     cycling_s = time.monotonic() - started
 
     assert batches == CYCLES // CLAIM
-    assert max(sizes[1:]) <= sizes[1] + SLACK, sizes
+    half = len(sizes) // 2
+    assert max(sizes[half:]) <= max(sizes[:half]) + SLACK, sizes
     # One job row per event, however many batches it ran.
     assert scalar(conn, "SELECT count(*) FROM matchmaking_jobs") == 1
     job = repo.job_status(conn, event_id)["job"]

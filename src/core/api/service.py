@@ -280,28 +280,38 @@ def start_matching(
     dead_letter_depth: Callable[[], int | None],
 ) -> StartOut:
     """Queue the event's unmatched attendees (or everyone) at the given priority, start
-    the matchmaker, and answer with the queue status as it is after the enqueue."""
-    queued = _enqueue_start(conn, principal, code, body, invoke)
-    # Read after the enqueue committed (and outside its retries: reading never conflicts).
-    figures = status(conn, principal, code, settings, dead_letter_depth)
-    return StartOut(**queued.model_dump(), status=figures)
+    the matchmaker, and answer with the queue status as this start left it."""
+    queued, figures = _enqueue_start(
+        conn, principal, code, body, settings=settings, dead_letter_depth=dead_letter_depth
+    )
+    return StartOut(event=code, queued=queued, mode="queue", invoked=invoke(code), status=figures)
 
 
 @retried
 def _enqueue_start(
-    conn: Conn, principal: Principal, code: str, body: StartIn, invoke: Invoker
-) -> EnqueueOut:
+    conn: Conn,
+    principal: Principal,
+    code: str,
+    body: StartIn,
+    *,
+    settings: Settings,
+    dead_letter_depth: Callable[[], int | None],
+) -> tuple[int, StatusOut]:
     principal.require_admin()
     event = _event(conn, code)
-    queued = repo.enqueue_for_matching(
-        conn,
-        event.id,
-        user_ids=None,
-        only_unmatched=body.mode == "unmatched",
-        priority=body.priority,
-        reason=f"admin_{body.mode}",
-    )
-    return EnqueueOut(event=code, queued=queued, mode="queue", invoked=invoke(code))
+    # The status is read in the enqueue's transaction: the queue as this start left it,
+    # before any run (a lingering one polls every 0.1 s) can claim the rows.
+    with conn.transaction():
+        queued = repo.enqueue_for_matching(
+            conn,
+            event.id,
+            user_ids=None,
+            only_unmatched=body.mode == "unmatched",
+            priority=body.priority,
+            reason=f"admin_{body.mode}",
+        )
+        figures = event_status(conn, event, settings, dead_letter_depth)
+    return queued, figures
 
 
 def status(
