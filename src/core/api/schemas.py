@@ -8,8 +8,11 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field
 
 from core.models import (
+    HUBNESS_M_MAX,
+    HUBNESS_M_MIN,
     EventCode,
     EventSettings,
+    ExposureCorrection,
     Profile,
     ProfileFields,
     StrictModel,
@@ -97,6 +100,8 @@ class SettingsPatch(StrictModel):
     weights: WeightsPatch | None = None
     embedder: Literal["local", "openai"] | None = None
     icebreakers: bool | None = None
+    exposure_correction: ExposureCorrection | None = None
+    hubness_m: Annotated[int, Field(ge=HUBNESS_M_MIN, le=HUBNESS_M_MAX)] | None = None
 
 
 class EventOut(BaseModel):
@@ -172,8 +177,12 @@ class CoverageOut(BaseModel):
 
 
 class ExposureOut(BaseModel):
-    """How evenly attendees appear on each other's lists."""
+    """How evenly attendees appear on each other's lists, and the event's correction."""
 
+    correction: ExposureCorrection = Field(
+        description="the event's exposure_correction: hubness ranks by the corrected score"
+    )
+    hubness_m: int | None = Field(description="the correction's m; null under none")
     max_appearances: int = Field(description="lists the most-listed attendee is on")
     mean_appearances: float | None
     gini: float | None = Field(
