@@ -63,6 +63,16 @@ RANK_INSERTIONS = 64
 EXACT_CHUNK_ROWS = 64
 # Dismissed pairs are looked up as row * PAIR_KEY + other.
 PAIR_KEY = 1 << 32
+# Under the exposure correction each row keeps its best max(m, k) + CERTIFY_SPARE partners
+# by s: enough to find r and, for most rows, to prove its top k by s' (see _exposure_lists).
+CERTIFY_SPARE = 4
+# An unproven row is repaired from its previous list when at most this many columns
+# changed their s' (bump rule); otherwise it is ranked against everyone.
+BUMP_COLUMNS = 256
+# Unproven rows are widened (_exposure_widen) this many at a time, at most; the prefix
+# bound gets this much slack (the exact check of the first column past it decides).
+WIDEN_ROWS = 256
+PREFIX_SLACK = 1e-9
 
 
 class VectorShapeError(ValueError):
@@ -99,7 +109,13 @@ class EventState:
         self.event = event
         self.embedder_key = embedder_key
         self.width = width
-        self.k = event.settings.k
+        settings = event.settings
+        # The stored lists' length; self.k is the width of the in-memory lists by s, the
+        # same under "none", longer under "hubness" (the exposure correction's candidates).
+        self.list_k = settings.k
+        self.hubness = settings.exposure_correction == "hubness"
+        self.hubness_m = settings.hubness_m
+        self.k = max(settings.k, settings.hubness_m) + CERTIFY_SPARE if self.hubness else settings.k
         self.coef = Coefficients.from_weights(event.settings.weights)
         self.exclude_same_company = event.settings.exclude_same_company
         self.n = 0
@@ -117,6 +133,14 @@ class EventState:
         self._dismissed_keys: npt.NDArray[np.int64] | None = None
         self.top_idx: IndexMatrix = np.zeros((0, self.k), dtype=np.int64)
         self.top_val: FloatMatrix = np.zeros((0, self.k), dtype=np.float64)
+        # Under "hubness": the stored lists by s' (top_* then hold each row's best k by s,
+        # exact for the current vectors once synced), and r per row.
+        self.list_idx: IndexMatrix = np.zeros((0, self.list_k), dtype=np.int64)
+        self.list_val: FloatMatrix = np.zeros((0, self.list_k), dtype=np.float64)
+        self.r: FloatMatrix = np.zeros(0, dtype=np.float64)
+        self.s_synced = False  # top_* built for every row (a new state builds them once)
+        self.unsynced: set[int] = set()  # rows changed since top_* were last brought up to date
+        self.lists_reloaded = False  # list_* came from the database since the last apply
         self._company_codes: dict[str, int] = {}
         # id_rank of the first rows (those since are ranked on demand) and their ids sorted
         self._id_rank = np.zeros(0, dtype=np.int64)
@@ -156,6 +180,8 @@ class EventState:
                 self.dismissed.setdefault(rb, set()).add(ra)
                 changed.update((ra, rb))
                 self._dismissed_keys = None
+        if self.hubness:
+            self.unsynced |= changed
         self.refreshes += 1
         self.change_log.append((self.refreshes, changed))
         del self.change_log[:-CHANGE_LOG_LENGTH]
@@ -178,6 +204,9 @@ class EventState:
         self.vectors = grown(self.vectors, 0)
         self.top_idx = grown(self.top_idx, NO_MATCH)
         self.top_val = grown(self.top_val, EXCLUDED)
+        self.list_idx = grown(self.list_idx, NO_MATCH)
+        self.list_val = grown(self.list_val, EXCLUDED)
+        self.r = grown(self.r, 0.0)
 
     def _row_for(self, profile_id: int, user_id: str) -> int:
         row = self.row_of.get(profile_id)
@@ -219,6 +248,8 @@ class EventState:
             if not member.active:
                 self.top_idx[row] = NO_MATCH
                 self.top_val[row] = EXCLUDED
+                self.list_idx[row] = NO_MATCH
+                self.list_val[row] = EXCLUDED
         if vectors:
             stacked = np.frombuffer(b"".join(vectors), dtype="<i2").reshape(len(vectors), -1)
             self.vectors[vector_rows] = stacked
@@ -228,14 +259,18 @@ class EventState:
         return set(rows)
 
     def load_lists(self, entries: list[tuple[int, int, int, float]]) -> None:
-        self.top_idx[:] = NO_MATCH
-        self.top_val[:] = EXCLUDED
+        """Take in the stored lists (another writer changed them). Under "hubness" they
+        are the lists by s' (the lists by s are the state's own, kept from the vectors)."""
+        idx, val = (self.list_idx, self.list_val) if self.hubness else (self.top_idx, self.top_val)
+        idx[:] = NO_MATCH
+        val[:] = EXCLUDED
         self.stale_rows = set()
+        self.lists_reloaded = True
         for owner, rank, matched, score in entries:
             row, other = self.row_of.get(owner), self.row_of.get(matched)
-            if row is not None and other is not None and rank <= self.k:
-                self.top_idx[row, rank - 1] = other
-                self.top_val[row, rank - 1] = score
+            if row is not None and other is not None and rank <= self.list_k:
+                idx[row, rank - 1] = other
+                val[row, rank - 1] = score
             elif row is not None:
                 # Longer than k (k was lowered) or naming a row we do not know: the
                 # stored list must be rewritten even if its first k entries stay.
@@ -439,12 +474,18 @@ class EventState:
 
     def rank_everyone(self) -> tuple[IndexMatrix, FloatMatrix]:
         """Every row's exact top k among all matchable rows, from scratch (what a full
-        rebuild computes; rows not matchable get empty lists)."""
+        rebuild computes; rows not matchable get empty lists); by s' under "hubness"."""
         everyone = np.flatnonzero(self.matchable[: self.n])
         idx = np.full((self.n, self.k), NO_MATCH, dtype=np.int64)
         val = np.full((self.n, self.k), EXCLUDED, dtype=np.float64)
         idx[everyone], val[everyone] = self._candidates(everyone, everyone)
-        return idx, val
+        if not self.hubness:
+            return idx, val
+        # By s' (the state's lists by s become these, as after a drain).
+        self.top_idx[: self.n], self.top_val[: self.n] = idx, val
+        self.s_synced = True
+        self.unsynced.clear()
+        return self._exposure_lists(np.ones(self.n, dtype=bool), rebuild=True)
 
     def changed_since(self, refresh: int) -> set[int] | None:
         """Rows reported by the refreshes after `refresh`; None if no longer known."""
@@ -529,6 +570,39 @@ class EventState:
             # are no longer known: prepare again on the current state.
             prepared, changed = self.prepare(prepared.profile_ids), set()
         changes = BatchChanges()
+        if self.hubness:
+            self._apply_exposure(prepared, changed, changes)
+            return changes
+        n = self.n
+        new_idx, new_val = self._advance(prepared, changed, changes)
+        self._record(changes, new_idx, new_val, self.top_idx[:n], self.top_val[:n])
+        self.top_idx[:n], self.top_val[:n] = new_idx, new_val
+        return changes
+
+    def _record(
+        self,
+        changes: BatchChanges,
+        new_idx: IndexMatrix,
+        new_val: FloatMatrix,
+        old_idx: IndexMatrix,
+        old_val: FloatMatrix,
+    ) -> None:
+        """Put the lists that differ from the stored ones (or must be rewritten) into
+        changes."""
+        differs = (new_idx != old_idx).any(axis=1) | (new_val != old_val).any(axis=1)
+        differs[list(self.stale_rows)] = True
+        self.stale_rows.clear()
+        for row in np.flatnonzero(differs).tolist():
+            changes.lists[int(self.profile_ids[row])] = self._entries(
+                row, new_idx[row], new_val[row]
+            )
+
+    def _advance(
+        self, prepared: PreparedBatch, changed: set[int], changes: BatchChanges
+    ) -> tuple[IndexMatrix, FloatMatrix]:
+        """Every row's list by s (top_*) after the prepared batch: the batch's own lists
+        made exact against `changed` (rows changed since it was prepared), and the batch
+        merged into everyone else's (the bump rule)."""
         n, k = self.n, self.k
         new_idx = self.top_idx[:n].copy()
         new_val = self.top_val[:n].copy()
@@ -536,8 +610,14 @@ class EventState:
         batch = prepared.batch[keep]
         for row in prepared.claimed - set(batch.tolist()):  # left, or no vector: empty list
             new_idx[row], new_val[row] = NO_MATCH, EXCLUDED
+        # Claimed users who left (or lost their vector) are excluded now: a list holding
+        # one must be recomputed (the stored lists lose a leaver through the departure
+        # trigger; the longer in-memory lists of "hubness" only here).
+        gone = np.zeros(n, dtype=bool)
+        gone[list(prepared.claimed)] = True
+        gone &= ~self.matchable[:n]
 
-        if batch.size:
+        if batch.size or gone.any():
             changes.matched_users = int(batch.size)
             batch_idx, batch_val = prepared.batch_idx[keep], prepared.batch_val[keep]
             cols = self._columns()
@@ -582,7 +662,7 @@ class EventState:
                     others,
                     self.top_idx[others],
                     self.top_val[others],
-                    in_batch,
+                    in_batch | gone,
                     (cand_idx, cand_val),
                 )
                 touched = np.flatnonzero(
@@ -602,17 +682,186 @@ class EventState:
                 new_idx[rows], new_val[rows] = merged_idx, merged_val
             changes.recomputed_neighbours = recomputed
 
-        differs = (new_idx != self.top_idx[:n]).any(axis=1) | (new_val != self.top_val[:n]).any(
-            axis=1
+        return new_idx, new_val
+
+    # --- the exposure correction ("hubness") --------------------------------------------
+
+    def _apply_exposure(
+        self, prepared: PreparedBatch, changed: set[int], changes: BatchChanges
+    ) -> None:
+        """apply under "hubness": bring the lists by s (top_*) up to date with every row
+        changed since the last apply (the batch, then whatever else the refreshes
+        reported: a leaver, an edit another worker matched, a dismissal), so that r and
+        s' are exact for the current vectors; then the lists by s' (list_*)."""
+        n = self.n
+        dirty = np.zeros(n, dtype=bool)
+        rebuild = self.lists_reloaded
+        if not self.s_synced:
+            # A new state: every row's best self.k by s, once (the stored lists are by s'
+            # and cannot seed them).
+            everyone = np.flatnonzero(self.matchable[:n])
+            self.top_idx[:n], self.top_val[:n] = NO_MATCH, EXCLUDED
+            self.top_idx[everyone], self.top_val[everyone] = self._candidates(everyone, everyone)
+            self.s_synced, rebuild = True, True
+            changes.matched_users = int(np.count_nonzero(self.matchable[prepared.batch]))
+        else:
+            self.top_idx[:n], self.top_val[:n] = self._advance(prepared, changed, changes)
+            pending = self.unsynced - prepared.claimed
+            if pending:
+                synced = self.prepare([int(self.profile_ids[row]) for row in sorted(pending)])
+                self.top_idx[:n], self.top_val[:n] = self._advance(synced, set(), BatchChanges())
+            dirty[list(prepared.claimed | pending)] = True
+        self.unsynced.clear()
+        self.lists_reloaded = False
+        new_idx, new_val = self._exposure_lists(dirty, rebuild=rebuild)
+        self._record(changes, new_idx, new_val, self.list_idx[:n], self.list_val[:n])
+        self.list_idx[:n], self.list_val[:n] = new_idx, new_val
+
+    def _exposure_r(self) -> FloatMatrix:
+        """r per row: the float64 sum of its best m scores by s, best first (ties give
+        equal values, so the order of the sum is fixed), divided by how many there are (m,
+        fewer when the row has fewer partners, r = 0 with none). top_* hold them in that
+        order, exact; the oracle sums the same values in the same order."""
+        n, m = self.n, self.hubness_m
+        values = self.top_val[:n, :m]
+        present = values > EXCLUDED
+        total = np.zeros(n, dtype=np.float64)
+        for j in range(m):
+            total += np.where(present[:, j], values[:, j], 0.0)
+        count = np.count_nonzero(present, axis=1)
+        r: FloatMatrix = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+        return r
+
+    def _exposure_lists(
+        self, dirty: npt.NDArray[np.bool_], *, rebuild: bool
+    ) -> tuple[IndexMatrix, FloatMatrix]:
+        """Every row's top k by s'(A, B) = 2·s(A, B) - (r(A) + r(B)), ties by user_id.
+
+        From each row's best M = self.k partners by s (top_*): their s' ranked, and
+        proven complete when the k-th best exceeds what any other partner B can reach:
+        s(A, B) <= s_M(A) and r(B) >= min r, and rounding is monotonic, so s'(A, B) <=
+        2·s_M(A) - (r(A) + min r). A row with fewer than M partners holds them all.
+        An unproven row is repaired from its previous list (exact) when few columns
+        changed their s' for it: `dirty` rows (vectors, exclusions) and rows whose r
+        moved; a row whose own r moved, or whose listed partner now scores lower, or any
+        row after the stored lists were reloaded (`rebuild`), is ranked against everyone.
+        """
+        n, k = self.n, self.list_k
+        r_before = self.r[:n].copy()
+        r = self._exposure_r()
+        self.r[:n] = r
+        moved = dirty | (r != r_before)
+        new_idx = np.full((n, k), NO_MATCH, dtype=np.int64)
+        new_val = np.full((n, k), EXCLUDED, dtype=np.float64)
+        rows = np.flatnonzero(self.matchable[:n])
+        if not rows.size:
+            return new_idx, new_val
+        s_idx, s_val = self.top_idx[rows], self.top_val[rows]
+        corrected = 2.0 * s_val - (r[rows][:, None] + r[np.maximum(s_idx, 0)])
+        corrected[s_idx < 0] = EXCLUDED
+        c_idx, c_val = merge_top_k(s_idx, corrected, self.id_rank, k)
+        ceiling = 2.0 * s_val[:, -1] - (r[rows] + r[rows].min())
+        proven = (s_idx[:, -1] < 0) | (c_val[:, k - 1] > ceiling)
+        new_idx[rows], new_val[rows] = c_idx, c_val
+        unproven = rows[~proven]
+        if unproven.size:
+            columns = np.flatnonzero(moved)
+            repairable = np.zeros(unproven.size, dtype=bool)
+            if not rebuild and columns.size <= BUMP_COLUMNS:
+                repairable = ~moved[unproven]
+            scan = unproven[~repairable]
+            if repairable.any():
+                repair = unproven[repairable]
+                idx, val, full = self._exposure_bump(repair, columns, r)
+                new_idx[repair[~full]], new_val[repair[~full]] = idx[~full], val[~full]
+                scan = np.union1d(scan, repair[full])
+            if scan.size:
+                new_idx[scan], new_val[scan] = self._exposure_widen(scan, r)
+        return new_idx, new_val
+
+    def _exposure_bump(
+        self, rows: npt.NDArray[np.int64], columns: npt.NDArray[np.int64], r: FloatMatrix
+    ) -> tuple[IndexMatrix, FloatMatrix, npt.NDArray[np.bool_]]:
+        """The bump rule by s': each row's previous list (exact, r of the row unchanged)
+        merged with the `columns` whose s' for it changed; rows where a listed column now
+        scores lower are flagged `full` (someone outside may belong)."""
+        k = self.list_k
+        a = np.repeat(rows, columns.size)
+        b = np.tile(columns, rows.size)
+        fresh = (2.0 * self.scores_of_pairs(a, b) - (r[a] + r[b])).reshape(rows.size, -1)
+        old_idx, old_val = self.list_idx[rows], self.list_val[rows]
+        is_column = np.zeros(self.n, dtype=bool)
+        is_column[columns] = True
+        on_list = (old_idx >= 0) & is_column[np.maximum(old_idx, 0)]
+        at = np.minimum(np.searchsorted(columns, np.maximum(old_idx, 0)), columns.size - 1)
+        rescored = np.where(on_list, np.take_along_axis(fresh, at, axis=1), EXCLUDED)
+        full = np.any(on_list & (rescored < old_val), axis=1)
+        merged_idx, merged_val = merge_top_k(
+            np.concatenate(
+                [np.where(on_list, NO_MATCH, old_idx), np.broadcast_to(columns, fresh.shape)],
+                axis=1,
+            ),
+            np.concatenate([np.where(on_list, EXCLUDED, old_val), fresh], axis=1),
+            self.id_rank,
+            k,
         )
-        differs[list(self.stale_rows)] = True
-        self.stale_rows.clear()
-        for row in np.flatnonzero(differs).tolist():
-            changes.lists[int(self.profile_ids[row])] = self._entries(
-                row, new_idx[row], new_val[row]
+        return merged_idx, merged_val, full
+
+    def _exposure_widen(
+        self, rows: npt.NDArray[np.int64], r: FloatMatrix
+    ) -> tuple[IndexMatrix, FloatMatrix]:
+        """Exact top k by s' of rows their best M by s could not prove, with few exact
+        scores: a partner B outside the best M has s(A, B) <= s_M(A), so it can only
+        beat the k-th best candidate (by s') when r(B) is low. Columns sorted by r, each
+        row is scored exactly against the prefix of columns whose bound 2·s_M(A) -
+        (r(A) + r(B)) reaches its k-th best candidate (the first column past the prefix
+        is checked to be out, in the same float operations, else the row takes every
+        column), and its candidates merged with that prefix's best k."""
+        n, k = self.n, self.list_k
+        id_rank = self.id_rank
+        s_idx, s_val = self.top_idx[rows], self.top_val[rows]
+        corrected = 2.0 * s_val - (r[rows][:, None] + r[np.maximum(s_idx, 0)])
+        corrected[s_idx < 0] = EXCLUDED
+        cand_idx, cand_val = merge_top_k(s_idx, corrected, id_rank, k)
+        everyone = np.flatnonzero(self.matchable[:n])
+        by_r = everyone[np.argsort(r[everyone], kind="stable")]
+        sorted_r = r[by_r]
+        s_last, kth, own_r = s_val[:, -1], cand_val[:, k - 1], r[rows]
+        need = np.searchsorted(sorted_r, 2.0 * s_last - own_r - kth + PREFIX_SLACK, "right")
+        past = np.minimum(need, by_r.size - 1)
+        out = (need >= by_r.size) | (2.0 * s_last - (own_r + sorted_r[past]) < kth)
+        need[~out | (s_idx[:, -1] < 0)] = by_r.size  # (a short row is proven already)
+        order = np.argsort(need, kind="stable")
+        idx = np.full((rows.size, k), NO_MATCH, dtype=np.int64)
+        val = np.full((rows.size, k), EXCLUDED, dtype=np.float64)
+        start = 0
+        while start < rows.size:
+            # Rows in order of prefix length: a chunk scores its longest prefix.
+            peek = int(need[order[min(start + WIDEN_ROWS, rows.size) - 1]])
+            step = max(1, min(WIDEN_ROWS, self.chunk_elements // max(peek, 1)))
+            at = order[start : start + step]
+            start += at.size
+            cols = np.sort(by_r[: int(need[at].max())])
+            if not cols.size:
+                idx[at], val[at] = cand_idx[at], cand_val[at]
+                continue
+            chunk = rows[at]
+            block = 2.0 * self.exact_block(chunk, cols, self.vectors[cols]) - (
+                r[chunk][:, None] + r[cols][None, :]
             )
-        self.top_idx[:n], self.top_val[:n] = new_idx, new_val
-        return changes
+            # Candidates already held are merged from cand_* (once).
+            held = np.minimum(np.searchsorted(cols, np.maximum(s_idx[at], 0)), cols.size - 1)
+            hit = (s_idx[at] >= 0) & (cols[held] == s_idx[at])
+            block[np.nonzero(hit)[0], held[hit]] = EXCLUDED
+            best, values = top_k(block, id_rank[cols], k)
+            found = np.where(best >= 0, cols[np.maximum(best, 0)], NO_MATCH)
+            idx[at], val[at] = merge_top_k(
+                np.concatenate([cand_idx[at], found], axis=1),
+                np.concatenate([cand_val[at], values], axis=1),
+                id_rank,
+                k,
+            )
+        return idx, val
 
     def _merge(
         self,
