@@ -27,3 +27,59 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- As in 0003, plus: under the exposure correction a leaver also changes r of everyone whose
+-- best m held them, hence scores on lists that never named the leaver. When no list named
+-- them (nobody re-queued), one remaining attendee is queued so that a worker runs the
+-- event and repairs those lists (the worker's batch brings every changed row up to date).
+CREATE OR REPLACE FUNCTION mm_handle_departure(p_event_id bigint, p_profile_id bigint)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = public, pg_temp
+AS $$
+DECLARE
+    owners bigint[];
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM events WHERE id = p_event_id) THEN
+        RETURN;  -- the whole event is being deleted
+    END IF;
+    PERFORM pg_advisory_xact_lock(mm_event_lock_key(p_event_id));
+
+    WITH removed AS (
+        DELETE FROM user_matches m
+         WHERE m.event_id = p_event_id
+           AND (m.profile_id = p_profile_id OR m.matched_profile_id = p_profile_id)
+        RETURNING m.profile_id
+    )
+    SELECT array_agg(DISTINCT r.profile_id) INTO owners
+      FROM removed r
+     WHERE r.profile_id <> p_profile_id;
+
+    UPDATE matchmaking_jobs SET lists_version = lists_version + 1, updated_at = now()
+     WHERE event_id = p_event_id;
+    -- The leaver's own pending work is moot now.
+    DELETE FROM matchmaking_queue
+     WHERE event_id = p_event_id AND profile_id = p_profile_id AND status = 'pending';
+
+    IF owners IS NULL
+       AND EXISTS (SELECT 1 FROM events e
+                    WHERE e.id = p_event_id AND e.exposure_correction = 'hubness') THEN
+        owners := ARRAY(SELECT a.profile_id FROM attendees a
+                         WHERE a.event_id = p_event_id AND a.active
+                           AND a.profile_id <> p_profile_id
+                         ORDER BY a.profile_id LIMIT 1);
+    END IF;
+
+    IF owners IS NOT NULL THEN
+        PERFORM mm_enqueue(p_event_id,
+                           ARRAY(SELECT a.profile_id FROM attendees a
+                                  WHERE a.event_id = p_event_id AND a.active
+                                    AND a.profile_id = ANY (owners)
+                                    AND a.profile_id <> p_profile_id
+                                    -- owners deleted by the same statement (cascade)
+                                    AND EXISTS (SELECT 1 FROM profiles p
+                                                 WHERE p.id = a.profile_id)),
+                           1::smallint, 'neighbour_left');
+    END IF;
+END
+$$;

@@ -69,10 +69,11 @@ CERTIFY_SPARE = 4
 # An unproven row is repaired from its previous list when at most this many columns
 # changed their s' (bump rule); otherwise it is ranked against everyone.
 BUMP_COLUMNS = 256
-# Unproven rows are widened (_exposure_widen) this many at a time, at most; the prefix
-# bound gets this much slack (the exact check of the first column past it decides).
+# _exposure_derive: rows looked at together, the slack of its bounds (see there), and
+# pairs scored exactly at once (each gathers 4 KiB of vectors).
 WIDEN_ROWS = 256
-PREFIX_SLACK = 1e-9
+REGION_SLACK = 1e-12
+PAIR_CHUNK = 1 << 16
 
 
 class VectorShapeError(ValueError):
@@ -697,20 +698,24 @@ class EventState:
         dirty = np.zeros(n, dtype=bool)
         rebuild = self.lists_reloaded
         if not self.s_synced:
-            # A new state: every row's best self.k by s, once (the stored lists are by s'
-            # and cannot seed them).
-            everyone = np.flatnonzero(self.matchable[:n])
+            # A new state: the lists by s of every row outside the batch, against
+            # everyone, once (the stored lists are by s' and cannot seed them); the batch
+            # brings its own. In a from-scratch drain nobody is outside the first batch.
+            in_batch = np.zeros(n, dtype=bool)
+            in_batch[prepared.batch] = True
+            rest = np.flatnonzero(self.matchable[:n] & ~in_batch)
             self.top_idx[:n], self.top_val[:n] = NO_MATCH, EXCLUDED
-            self.top_idx[everyone], self.top_val[everyone] = self._candidates(everyone, everyone)
+            if rest.size:
+                everyone = np.flatnonzero(self.matchable[:n])
+                self.top_idx[rest], self.top_val[rest] = self._candidates(rest, everyone)
             self.s_synced, rebuild = True, True
-            changes.matched_users = int(np.count_nonzero(self.matchable[prepared.batch]))
-        else:
-            self.top_idx[:n], self.top_val[:n] = self._advance(prepared, changed, changes)
-            pending = self.unsynced - prepared.claimed
-            if pending:
-                synced = self.prepare([int(self.profile_ids[row]) for row in sorted(pending)])
-                self.top_idx[:n], self.top_val[:n] = self._advance(synced, set(), BatchChanges())
-            dirty[list(prepared.claimed | pending)] = True
+            self.unsynced.clear()
+        self.top_idx[:n], self.top_val[:n] = self._advance(prepared, changed, changes)
+        pending = self.unsynced - prepared.claimed
+        if pending:
+            synced = self.prepare([int(self.profile_ids[row]) for row in sorted(pending)])
+            self.top_idx[:n], self.top_val[:n] = self._advance(synced, set(), BatchChanges())
+        dirty[list(prepared.claimed | pending)] = True
         self.unsynced.clear()
         self.lists_reloaded = False
         new_idx, new_val = self._exposure_lists(dirty, rebuild=rebuild)
@@ -737,14 +742,10 @@ class EventState:
     ) -> tuple[IndexMatrix, FloatMatrix]:
         """Every row's top k by s'(A, B) = 2·s(A, B) - (r(A) + r(B)), ties by user_id.
 
-        From each row's best M = self.k partners by s (top_*): their s' ranked, and
-        proven complete when the k-th best exceeds what any other partner B can reach:
-        s(A, B) <= s_M(A) and r(B) >= min r, and rounding is monotonic, so s'(A, B) <=
-        2·s_M(A) - (r(A) + min r). A row with fewer than M partners holds them all.
-        An unproven row is repaired from its previous list (exact) when few columns
-        changed their s' for it: `dirty` rows (vectors, exclusions) and rows whose r
-        moved; a row whose own r moved, or whose listed partner now scores lower, or any
-        row after the stored lists were reloaded (`rebuild`), is ranked against everyone.
+        s'(A, B) changed since the last apply only where A or B is `dirty` (vector,
+        exclusions) or has a new r. A row with neither is repaired from its previous
+        list (exact) by the bump rule when few columns moved; any other row, or after
+        the stored lists were reloaded (`rebuild`), is derived afresh (_exposure_derive).
         """
         n, k = self.n, self.list_k
         r_before = self.r[:n].copy()
@@ -754,29 +755,18 @@ class EventState:
         new_idx = np.full((n, k), NO_MATCH, dtype=np.int64)
         new_val = np.full((n, k), EXCLUDED, dtype=np.float64)
         rows = np.flatnonzero(self.matchable[:n])
-        if not rows.size:
-            return new_idx, new_val
-        s_idx, s_val = self.top_idx[rows], self.top_val[rows]
-        corrected = 2.0 * s_val - (r[rows][:, None] + r[np.maximum(s_idx, 0)])
-        corrected[s_idx < 0] = EXCLUDED
-        c_idx, c_val = merge_top_k(s_idx, corrected, self.id_rank, k)
-        ceiling = 2.0 * s_val[:, -1] - (r[rows] + r[rows].min())
-        proven = (s_idx[:, -1] < 0) | (c_val[:, k - 1] > ceiling)
-        new_idx[rows], new_val[rows] = c_idx, c_val
-        unproven = rows[~proven]
-        if unproven.size:
-            columns = np.flatnonzero(moved)
-            repairable = np.zeros(unproven.size, dtype=bool)
-            if not rebuild and columns.size <= BUMP_COLUMNS:
-                repairable = ~moved[unproven]
-            scan = unproven[~repairable]
-            if repairable.any():
-                repair = unproven[repairable]
-                idx, val, full = self._exposure_bump(repair, columns, r)
-                new_idx[repair[~full]], new_val[repair[~full]] = idx[~full], val[~full]
-                scan = np.union1d(scan, repair[full])
-            if scan.size:
-                new_idx[scan], new_val[scan] = self._exposure_widen(scan, r)
+        columns = np.flatnonzero(moved)
+        derive = rows
+        if not rebuild and columns.size <= BUMP_COLUMNS:
+            derive, kept = rows[moved[rows]], rows[~moved[rows]]
+            if kept.size and columns.size:
+                idx, val, full = self._exposure_bump(kept, columns, r)
+                new_idx[kept], new_val[kept] = idx, val
+                derive = np.union1d(derive, kept[full])
+            elif kept.size:
+                new_idx[kept], new_val[kept] = self.list_idx[kept], self.list_val[kept]
+        if derive.size:
+            new_idx[derive], new_val[derive] = self._exposure_derive(derive, r)
         return new_idx, new_val
 
     def _exposure_bump(
@@ -807,61 +797,94 @@ class EventState:
         )
         return merged_idx, merged_val, full
 
-    def _exposure_widen(
+    def _exposure_derive(
         self, rows: npt.NDArray[np.int64], r: FloatMatrix
     ) -> tuple[IndexMatrix, FloatMatrix]:
-        """Exact top k by s' of rows their best M by s could not prove, with few exact
-        scores: a partner B outside the best M has s(A, B) <= s_M(A), so it can only
-        beat the k-th best candidate (by s') when r(B) is low. Columns sorted by r, each
-        row is scored exactly against the prefix of columns whose bound 2·s_M(A) -
-        (r(A) + r(B)) reaches its k-th best candidate (the first column past the prefix
-        is checked to be out, in the same float operations, else the row takes every
-        column), and its candidates merged with that prefix's best k."""
-        n, k = self.n, self.list_k
+        """Rows' exact top k by s', from the lists by s (top_*, M = self.k wide) and few
+        exact scores.
+
+        Candidates of A: its best M by s, and every B holding A among its best M (s is
+        symmetric, so that score is known too). Any other partner B has s(A, B) <=
+        s_M(A) and s(A, B) <= s_M(B) (a row with fewer than M partners holds them all:
+        nobody outside can be a partner), so s'(A, B) <= 2·min(s_M(A), s_M(B)) - r(A) -
+        r(B): it can only reach the k-th best candidate when r(B) <= 2·s_M(A) - r(A) -
+        kth and 2·s_M(B) - r(B) >= kth + r(A), and, by its approximate score (within
+        tol of s), when 2·approx - r(A) - r(B) >= kth - 2·tol. The few pairs that pass
+        all three are scored exactly. Every test gets REGION_SLACK, far above the float64
+        error of these sums (~1e-15), so a pair left out scores strictly below the k-th
+        best.
+        """
+        n, k, width = self.n, self.list_k, self.k
         id_rank = self.id_rank
-        s_idx, s_val = self.top_idx[rows], self.top_val[rows]
-        corrected = 2.0 * s_val - (r[rows][:, None] + r[np.maximum(s_idx, 0)])
-        corrected[s_idx < 0] = EXCLUDED
-        cand_idx, cand_val = merge_top_k(s_idx, corrected, id_rank, k)
+        s_idx, s_val = self.top_idx[:n], self.top_val[:n]
+        wanted = np.zeros(n, dtype=bool)
+        wanted[rows] = True
+        slot = np.full(n, -1, dtype=np.int64)
+        slot[rows] = np.arange(rows.size)
+        holder = np.repeat(np.arange(n), width)
+        held, held_s = s_idx.reshape(-1), s_val.reshape(-1)
+        forward = (held >= 0) & wanted[holder]
+        backward = (held >= 0) & wanted[np.maximum(held, 0)]
+        own = np.concatenate([holder[forward], held[backward]])
+        other = np.concatenate([held[forward], holder[backward]])
+        score = np.concatenate([held_s[forward], held_s[backward]])
+        value = 2.0 * score - (r[own] + r[other])
+        own, other, value = _distinct(own, other, value, n)
+        _, best_val = grouped_top_k(slot[own], other, value, id_rank, n_groups=rows.size, k=k)
+        kth = best_val[:, k - 1]
+
+        # The region: columns sorted by r, so that each row's first test is a prefix;
+        # its approximate scores (one float32 product per chunk of rows, no gathers)
+        # leave the few pairs that pass both tests within 2·tol of the k-th best.
+        full = s_idx[:, -1] >= 0
+        column_bound = np.where(full, 2.0 * s_val[:, -1], EXCLUDED) - r
         everyone = np.flatnonzero(self.matchable[:n])
         by_r = everyone[np.argsort(r[everyone], kind="stable")]
-        sorted_r = r[by_r]
-        s_last, kth, own_r = s_val[:, -1], cand_val[:, k - 1], r[rows]
-        need = np.searchsorted(sorted_r, 2.0 * s_last - own_r - kth + PREFIX_SLACK, "right")
-        past = np.minimum(need, by_r.size - 1)
-        out = (need >= by_r.size) | (2.0 * s_last - (own_r + sorted_r[past]) < kth)
-        need[~out | (s_idx[:, -1] < 0)] = by_r.size  # (a short row is proven already)
-        order = np.argsort(need, kind="stable")
-        idx = np.full((rows.size, k), NO_MATCH, dtype=np.int64)
-        val = np.full((rows.size, k), EXCLUDED, dtype=np.float64)
-        start = 0
+        sorted_r, bound_by_r = r[by_r], column_bound[by_r]
+        own_r, own_last = r[rows], s_val[rows, -1]
+        with np.errstate(invalid="ignore"):  # rows holding every partner: -inf - -inf
+            reach = np.searchsorted(sorted_r, 2.0 * own_last - own_r - kth + REGION_SLACK, "right")
+        reach[~full[rows]] = 0
+        floor = kth + own_r - REGION_SLACK
+        near = kth - 2 * self.tolerance - REGION_SLACK
+        order = np.argsort(reach, kind="stable")
+        targets: npt.NDArray[np.float32] | None = None
+        found_own, found_other = [], []
+        start = int(np.searchsorted(reach[order], 0, "right"))  # rows with an empty region
         while start < rows.size:
-            # Rows in order of prefix length: a chunk scores its longest prefix.
-            peek = int(need[order[min(start + WIDEN_ROWS, rows.size) - 1]])
+            peek = int(reach[order[min(start + WIDEN_ROWS, rows.size) - 1]])
             step = max(1, min(WIDEN_ROWS, self.chunk_elements // max(peek, 1)))
             at = order[start : start + step]
             start += at.size
-            cols = np.sort(by_r[: int(need[at].max())])
-            if not cols.size:
-                idx[at], val[at] = cand_idx[at], cand_val[at]
-                continue
-            chunk = rows[at]
-            block = 2.0 * self.exact_block(chunk, cols, self.vectors[cols]) - (
-                r[chunk][:, None] + r[cols][None, :]
+            length = int(reach[at].max())
+            if targets is None:
+                targets = self.vectors[by_r]
+            approx = self._approx(rows[at], targets[:length]).astype(np.float64)
+            corrected = 2.0 * approx - (own_r[at][:, None] + sorted_r[None, :length])
+            inside = (
+                (np.arange(length)[None, :] < reach[at][:, None])
+                & (bound_by_r[None, :length] >= floor[at][:, None])
+                & (corrected >= near[at][:, None])
             )
-            # Candidates already held are merged from cand_* (once).
-            held = np.minimum(np.searchsorted(cols, np.maximum(s_idx[at], 0)), cols.size - 1)
-            hit = (s_idx[at] >= 0) & (cols[held] == s_idx[at])
-            block[np.nonzero(hit)[0], held[hit]] = EXCLUDED
-            best, values = top_k(block, id_rank[cols], k)
-            found = np.where(best >= 0, cols[np.maximum(best, 0)], NO_MATCH)
-            idx[at], val[at] = merge_top_k(
-                np.concatenate([cand_idx[at], found], axis=1),
-                np.concatenate([cand_val[at], values], axis=1),
-                id_rank,
-                k,
+            i, j = np.nonzero(inside)
+            found_own.append(rows[at][i])
+            found_other.append(by_r[j])
+        if found_own:
+            a, b = np.concatenate(found_own), np.concatenate(found_other)
+            exact = np.concatenate(
+                [
+                    self.scores_of_pairs(a[i : i + PAIR_CHUNK], b[i : i + PAIR_CHUNK])
+                    for i in range(0, a.size, PAIR_CHUNK)
+                ]
+                or [np.zeros(0)]
             )
-        return idx, val
+            own, other, value = _distinct(
+                np.concatenate([own, a]),
+                np.concatenate([other, b]),
+                np.concatenate([value, 2.0 * exact - (r[a] + r[b])]),
+                n,
+            )
+        return grouped_top_k(slot[own], other, value, id_rank, n_groups=rows.size, k=k)
 
     def _merge(
         self,
@@ -911,6 +934,14 @@ class EventState:
             reasons = explain(owner_tags, other_tags) if owner_tags and other_tags else []
             entries.append(ListEntry(rank, int(self.profile_ids[other]), float(score), reasons))
         return entries
+
+
+def _distinct(
+    own: npt.NDArray[np.int64], other: npt.NDArray[np.int64], value: FloatMatrix, n: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], FloatMatrix]:
+    """Candidate pairs without repeats (a pair found twice has the same exact value)."""
+    _, first = np.unique(own * n + other, return_index=True)
+    return own[first], other[first], value[first]
 
 
 def _as_blocks(vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
