@@ -859,14 +859,18 @@ class EventState:
             length = int(reach[at].max())
             if targets is None:
                 targets = self.vectors[by_r]
-            approx = self._approx(rows[at], targets[:length]).astype(np.float64)
-            corrected = 2.0 * approx - (own_r[at][:, None] + sorted_r[None, :length])
-            inside = (
+            # The two bounds first (no float work), then the approximate scores of what
+            # is left, from one product up to the last column any row still needs.
+            i, j = np.nonzero(
                 (np.arange(length)[None, :] < reach[at][:, None])
                 & (bound_by_r[None, :length] >= floor[at][:, None])
-                & (corrected >= near[at][:, None])
             )
-            i, j = np.nonzero(inside)
+            if not i.size:
+                continue
+            approx = self._approx(rows[at], targets[: int(j.max()) + 1])
+            corrected = 2.0 * approx[i, j].astype(np.float64) - (own_r[at][i] + sorted_r[j])
+            keep = corrected >= near[at][i]
+            i, j = i[keep], j[keep]
             found_own.append(rows[at][i])
             found_other.append(by_r[j])
         if found_own:
