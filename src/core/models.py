@@ -134,6 +134,10 @@ class MatchWeights(StrictModel):
         return self.interests + 2 * self.complementarity + self.bio
 
 
+ExposureCorrection = Literal["none", "hubness"]
+HUBNESS_M_MIN, HUBNESS_M_MAX = 1, 50
+
+
 class EventSettings(StrictModel):
     k: Annotated[int, Field(ge=1, le=10)] = 3
     exclude_same_company: bool = True
@@ -141,6 +145,10 @@ class EventSettings(StrictModel):
     embedder: Literal["local", "openai"] = "local"
     # One-sentence conversation starters per final match, by a chat model (needs OpenAI).
     icebreakers: bool = False
+    # "hubness": lists rank by s'(A, B) = 2·s(A, B) - r(A) - r(B), r(X) the mean of X's best
+    # hubness_m scores (docs/architecture.md, "Exposure correction"); "none": by s.
+    exposure_correction: ExposureCorrection = "none"
+    hubness_m: Annotated[int, Field(ge=HUBNESS_M_MIN, le=HUBNESS_M_MAX)] = 10
 
 
 class EventIn(StrictModel):

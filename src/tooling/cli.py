@@ -1,4 +1,5 @@
-"""`matchmaker` command line: migrate, import, run, export, status, verify, demo, bench."""
+"""`matchmaker` command line: migrate, import, run, export, status, settings, verify, demo,
+bench."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import psycopg
 from pydantic import ValidationError
 
 from core import aws
-from core.api.schemas import StatusOut
+from core.api import service
+from core.api.errors import InvalidInputError
+from core.api.principals import Principal
+from core.api.schemas import SettingsPatch, StatusOut
 from core.api.status import event_status
 from core.data import repository as repo
 from core.data.connections import DatabaseUnavailableError, connect, resolve_database_url
@@ -57,6 +61,10 @@ RUN_EXIT_CODES = """exit status:
      waits (for a retry, in a paused event, after --max-seconds) and until when
   1  users are dead (attempts used up) in some event: `matchmaker status EVENT`
   2  bad usage, or the database cannot be reached"""
+
+
+# Whoever runs the CLI holds the database URL: an operator.
+CLI_ADMIN = Principal("cli", "admin")
 
 
 class CliError(Exception):
@@ -167,6 +175,7 @@ def render_status(status: StatusOut, event: EventRecord) -> str:
     ratio = f"{c.full_ratio:.1%}" if c.full_ratio is not None else "-"
     gini = f"{x.gini:.3f}" if x.gini is not None else "-"
     mean = f"{x.mean_appearances:.2f}" if x.mean_appearances is not None else "-"
+    correction = x.correction + (f", m={x.hubness_m}" if x.hubness_m is not None else "")
     dlq = status.dead_letter_queue
     depth = "not readable or not configured" if dlq.depth is None else f"{dlq.depth} messages"
     retry = f" (next {q.next_retry_at.isoformat(timespec='seconds')})" if q.next_retry_at else ""
@@ -179,7 +188,8 @@ def render_status(status: StatusOut, event: EventRecord) -> str:
         f"  coverage: {c.full_lists}/{c.active} active attendees with a full list ({ratio}), "
         f"{c.short_lists_few_candidates} short (fewer candidates than k), "
         f"{c.missing_matches} missing matches, {c.without_list} without a list",
-        f"  exposure: most-listed attendee on {x.max_appearances} lists, mean {mean}, Gini {gini}",
+        f"  exposure ({correction}): most-listed attendee on {x.max_appearances} lists, "
+        f"mean {mean}, Gini {gini}",
         f"  embedder: {e.effective or 'unavailable'} (configured {e.configured}): {e.reason}; "
         f"vectors from {e.vectors_from or '-'}",
         f"  totals: processed {t.processed}, failed {t.failed}, died {t.died}, "
@@ -241,6 +251,48 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         # Ctrl-C ends the watch: a background job of a script inherits "ignore SIGINT".
         signal.signal(signal.SIGINT, signal.default_int_handler)
         return _watch(snapshot, args.watch, sys.stdout, stamped=not args.json)
+
+
+def settings_patch(assignments: Sequence[str]) -> SettingsPatch:
+    """`key=value` words as a SettingsPatch: values are JSON where they parse (5, false,
+    2.5), else text (hubness); a dotted key sets one weight (weights.bio=2.5)."""
+    body: dict[str, Any] = {}
+    for word in assignments:
+        key, sep, text = word.partition("=")
+        if not sep or not key:
+            raise CliError(f"{word!r} is not key=value (e.g. exposure_correction=hubness)")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        *parents, leaf = key.split(".")
+        target = body
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    try:
+        return SettingsPatch.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise CliError(f"{field}: {first['msg']}") from exc
+
+
+def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
+    """Print an event's settings; with key=value words, change them first through the
+    API's own operation (same validation, and the trigger re-queues the event)."""
+    with open_database(settings) as conn:
+        code = _event(conn, args.event).code
+        if args.assignments:
+            try:
+                service.update_settings(
+                    conn, CLI_ADMIN, code, settings_patch(args.assignments), service.no_wake
+                )
+            except InvalidInputError as exc:
+                raise CliError(str(exc)) from exc
+        event = _event(conn, code)
+    print(event.settings.model_dump_json(indent=2))
+    return EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
@@ -323,7 +375,7 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
             modes=(
                 [m.strip() for m in args.modes.split(",") if m.strip()]
                 if args.modes
-                else quality.available_modes()
+                else list(quality.MODES)
             ),
             hubness_m=args.hubness_m,
             show_progress=not args.quiet,
@@ -526,6 +578,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser(
+        "settings",
+        help="print an event's settings; key=value words change them (as the API's PATCH)",
+    )
+    p.add_argument("event", help="event code")
+    p.add_argument(
+        "assignments",
+        nargs="*",
+        metavar="key=value",
+        help="e.g. exposure_correction=hubness hubness_m=10 k=5 weights.bio=2.5",
+    )
+    p.set_defaults(func=cmd_settings)
+
     p = sub.add_parser("verify", help="compare stored lists with a brute-force oracle")
     p.add_argument("event")
     p.set_defaults(func=cmd_verify)
@@ -577,8 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--joins", type=int, default=20, help="newcomers joined one at a time")
     p.add_argument(
         "--modes",
-        help="exposure corrections to compare, comma-separated (default: every one this "
-        "build has: none,hubness)",
+        help="exposure corrections to compare, comma-separated (default: none,hubness)",
     )
     p.add_argument("--hubness-m", type=int, help="the correction's m (default: the event's)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")

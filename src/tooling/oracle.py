@@ -4,7 +4,9 @@ docs/architecture.md: exact top-k, symmetric scores).
 Independent of the engine's incremental path: it reads the current state straight from
 the database, scores every pair in float64 (the dot products of the quantised blocks are
 exact integers either way), ranks each row with a plain sort by (score desc, user_id asc)
-and compares with user_matches, scores rounded to 6 decimals.
+and compares with user_matches: the same users and bit-identical scores. Under the
+exposure correction it ranks by s' = 2·s - (r(A) + r(B)) instead, with r from a first
+pass over every row (docs/architecture.md, "Exposure correction").
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def verify_event(conn: Conn, event: EventRecord, embedder_key: str) -> VerifyRep
     stored_scores: dict[tuple[str, str], float] = {}
     for owner, _rank, matched, score in conn.execute(query("oracle_lists"), {"event_id": event.id}):
         other = user_of.get(matched, f"<inactive profile {matched}>")
-        stored_lists.setdefault(owner, []).append((other, round(score, 6)))
+        stored_lists.setdefault(owner, []).append((other, score))
         if owner in user_of:
             stored_scores[(user_of[owner], other)] = score
     for (a, b), score in stored_scores.items():
@@ -97,14 +99,15 @@ def verify_event(conn: Conn, event: EventRecord, embedder_key: str) -> VerifyRep
     k = event.settings.k
     n = len(ids)
 
-    for start in range(0, n, ROW_BLOCK):
+    def scores_of(start: int) -> np.ndarray:
+        """Exact s of rows start.. against everyone, exclusions set to -inf."""
         q = vectors[start : start + ROW_BLOCK]
         interests = q[:, :d] @ vectors[:, :d].T
         complement = q[:, d : 2 * d] @ vectors[:, 2 * d : 3 * d].T
         complement = complement + q[:, 2 * d : 3 * d] @ vectors[:, d : 2 * d].T
         bio = q[:, 3 * d :] @ vectors[:, 3 * d :].T
         scores = combine(interests, complement, bio, coef)
-        for offset, row in enumerate(scores):
+        for offset in range(scores.shape[0]):
             i = start + offset
             allowed = np.ones(n, dtype=bool)
             allowed[i] = False
@@ -113,14 +116,37 @@ def verify_event(conn: Conn, event: EventRecord, embedder_key: str) -> VerifyRep
             for other in dismissed.get(ids[i], ()):
                 if other in row_of:
                     allowed[row_of[other]] = False
+            scores[offset, ~allowed] = -np.inf
+        return scores
+
+    # The exposure correction: r(X) = the float64 sum of X's best m allowed scores, best
+    # first, divided by how many there are (m, fewer if X has fewer partners, 0 if none);
+    # s'(A, B) = 2·s(A, B) - (r(A) + r(B)).
+    hubness = event.settings.exposure_correction == "hubness"
+    r = np.zeros(n)
+    if hubness:
+        m = event.settings.hubness_m
+        for start in range(0, n, ROW_BLOCK):
+            for offset, row in enumerate(scores_of(start)):
+                best = sorted((float(v) for v in row if v > -np.inf), reverse=True)[:m]
+                total = 0.0
+                for value in best:
+                    total += value
+                r[start + offset] = total / len(best) if best else 0.0
+
+    for start in range(0, n, ROW_BLOCK):
+        scores = scores_of(start)
+        for offset, plain in enumerate(scores):
+            i = start + offset
+            row = 2.0 * plain - (r[i] + r) if hubness else plain
+            allowed = row > -np.inf
             take = min(k, int(allowed.sum()))
-            best: list[int] = []
+            best_rows: list[int] = []
             if take:
-                values = np.where(allowed, row, -np.inf)
-                kth = np.partition(values, n - take)[n - take]
-                candidates = np.flatnonzero(values >= kth).tolist()
-                best = sorted(candidates, key=lambda j: (-row[j], users[j]))[:take]
-            expected = [(users[j], round(float(row[j]), 6)) for j in best]
+                kth = np.partition(row, n - take)[n - take]
+                candidates = np.flatnonzero(row >= kth).tolist()
+                best_rows = sorted(candidates, key=lambda j: (-row[j], users[j]))[:take]
+            expected = [(users[j], float(row[j])) for j in best_rows]
             stored = stored_lists.get(ids[i], [])
             report.checked += 1
             if expected != stored:

@@ -165,22 +165,12 @@ class SizeComparison:
     modes: list[ModeResult] = field(default_factory=list)
 
 
-def correction_available() -> bool:
-    """Whether this build has the exposure correction setting (issue 17.1)."""
-    return "exposure_correction" in SettingsPatch.model_fields
-
-
-def available_modes() -> list[str]:
-    """Every mode this build can set: `none` alone until the correction is in."""
-    return list(MODES) if correction_available() else ["none"]
-
-
 @dataclass
 class EvalOptions:
     sizes: list[int]
     seed: int = 7
     joins: int = 20
-    modes: list[str] = field(default_factory=available_modes)
+    modes: list[str] = field(default_factory=lambda: list(MODES))
     hubness_m: int | None = None  # None: the event's default
     show_progress: bool = True
 
@@ -191,25 +181,15 @@ def check_modes(modes: Sequence[str]) -> None:
         raise EvalError(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join(MODES)}")
     if not modes:
         raise EvalError("give at least one mode")
-    if not correction_available() and any(m != "none" for m in modes):
-        raise EvalError(
-            "this build has no exposure_correction setting, so only --modes none can run"
-        )
 
 
 def set_exposure_correction(conn: Conn, code: str, mode: str, hubness_m: int | None) -> EventRecord:
-    """Set the mode through the service's settings path (the admin settings PATCH). A build
-    without the setting matches as `none` and is left as it is."""
-    if correction_available():
-        patch: dict[str, Any] = {"exposure_correction": mode}
-        if hubness_m is not None:
-            patch["hubness_m"] = hubness_m
-        admin = Principal("matchmaker-eval", "admin")
-        service.update_settings(
-            conn, admin, code, SettingsPatch.model_validate(patch), service.no_wake
-        )
-    elif mode != "none":
-        raise EvalError(f"this build cannot set exposure_correction={mode}")
+    """Set the mode through the service's settings path (the admin settings PATCH)."""
+    patch: dict[str, Any] = {"exposure_correction": mode}
+    if hubness_m is not None:
+        patch["hubness_m"] = hubness_m
+    admin = Principal("matchmaker-eval", "admin")
+    service.update_settings(conn, admin, code, SettingsPatch.model_validate(patch), service.no_wake)
     event = repo.fetch_event(conn, code)
     assert event is not None  # created by the caller
     return event

@@ -74,7 +74,15 @@ QUEUE_KEYS = {
     "oldest_pending_age_s",
 }
 EVENT_KEYS = {"code", "name", "settings", "attendees", "created"}
-SETTINGS_KEYS = {"k", "exclude_same_company", "weights", "embedder", "icebreakers"}
+SETTINGS_KEYS = {
+    "k",
+    "exclude_same_company",
+    "weights",
+    "embedder",
+    "icebreakers",
+    "exposure_correction",
+    "hubness_m",
+}
 MATCH_KEYS = {"user_id", "rank", "score", "reasons", "icebreaker"}
 
 

@@ -45,7 +45,8 @@ GRACE_BODY = {
 }
 # The settings as the events row stores them (column names differ from the model's).
 STORED_SETTINGS = """
-    SELECT k, exclude_same_company, embedder, icebreakers, weight_interests AS interests,
+    SELECT k, exclude_same_company, embedder, icebreakers, exposure_correction, hubness_m,
+           weight_interests AS interests,
            weight_complement AS complementarity, weight_bio AS bio
     FROM events WHERE code = %s"""
 
@@ -97,12 +98,16 @@ MATCHING_PATCHES = {
     "weights-partial": {"weights": {"bio": 2.5}},
     "weights-full": {"weights": {"interests": 0, "complementarity": 3.25, "bio": 0}},
     "embedder": {"embedder": "openai"},
+    "exposure_correction": {"exposure_correction": "hubness"},
+    "hubness_m": {"hubness_m": 25},
     "all-at-once": {
         "k": 1,
         "exclude_same_company": False,
         "weights": {"interests": 10, "complementarity": 0.125, "bio": 0},
         "embedder": "openai",
         "icebreakers": True,
+        "exposure_correction": "hubness",
+        "hubness_m": 1,
     },
 }
 
@@ -268,6 +273,24 @@ INPUT_CHECKS: dict[str, Counterpart] = {
             patch({"k": v}),
         ],
         "less than or equal to 10",
+    ),
+    "events_exposure_correction_check": Counterpart(
+        "INSERT INTO events (code, exposure_correction) VALUES ('chk-exp', %(value)s)",
+        "quota",
+        lambda v: [
+            request("create_event", body={"code": "chk-e", "settings": {"exposure_correction": v}}),
+            patch({"exposure_correction": v}),
+        ],
+        "Input should be 'none' or 'hubness'",
+    ),
+    "events_hubness_m_check": Counterpart(
+        "INSERT INTO events (code, hubness_m) VALUES ('chk-m', %(value)s)",
+        51,
+        lambda v: [
+            request("create_event", body={"code": "chk-m", "settings": {"hubness_m": v}}),
+            patch({"hubness_m": v}),
+        ],
+        "less than or equal to 50",
     ),
     "events_weight_interests_check": _weight("interests", "weight_interests"),
     "events_weight_complement_check": _weight("complementarity", "weight_complement"),

@@ -1,9 +1,6 @@
 """`matchmaker eval` (tooling.quality) on a real PostgreSQL: the exposure figures it takes
 from the event status on hand-made lists, churn against what the worker wrote, the
-exposure correction set through the service's settings path, and the command end to end.
-
-Tests marked NEEDS_CORRECTION run once the exposure correction (issue 17.1, the
-`exposure_correction` setting) is in this build; without it they are skipped."""
+exposure correction set through the service's settings path, and the command end to end."""
 
 from __future__ import annotations
 
@@ -23,22 +20,12 @@ from core.settings import Settings
 from tooling.local_runs import import_profiles
 from tooling.planted import generate_planted
 from tooling.quality import (
-    EvalError,
     EvalOptions,
-    available_modes,
-    correction_available,
     measure_lists,
     run_eval,
     set_exposure_correction,
 )
 
-NEEDS_CORRECTION = pytest.mark.skipif(
-    not correction_available(),
-    reason="needs the exposure_correction setting (issue 17.1, branch hub)",
-)
-WITHOUT_CORRECTION = pytest.mark.skipif(
-    correction_available(), reason="this build has the exposure_correction setting"
-)
 N = 40
 
 
@@ -130,18 +117,6 @@ def test_eval_none_end_to_end_in_process(conn: Conn, settings: Settings) -> None
     assert repo.fetch_event(conn, "eval-warm-up") is None
 
 
-@WITHOUT_CORRECTION
-def test_hubness_without_the_setting_is_refused(conn: Conn, settings: Settings) -> None:
-    """Before the correction lands, asking for it is a clear error, not a silent `none`."""
-    with pytest.raises(EvalError, match="exposure_correction"):
-        run_eval(
-            conn,
-            settings,
-            EvalOptions(sizes=[50], modes=["none", "hubness"], show_progress=False),
-        )
-
-
-@NEEDS_CORRECTION
 @pytest.mark.parametrize("mode", ["none", "hubness"])
 def test_mode_is_set_through_the_settings_path(conn: Conn, mode: str) -> None:
     """The eval sets the event's exposure_correction as the admin settings PATCH does."""
@@ -176,7 +151,7 @@ def row(stdout: str, title: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "modes",
-    ["none", "", pytest.param("none,hubness", marks=NEEDS_CORRECTION)],
+    ["none", "", "none,hubness"],
     ids=["none", "default", "both"],
 )
 def test_eval_command_prints_the_table(db_url: str, tmp_path: Path, modes: str) -> None:
@@ -203,7 +178,7 @@ def test_eval_command_prints_the_table(db_url: str, tmp_path: Path, modes: str) 
         result.stdout,
         re.MULTILINE,
     ), result.stdout
-    names = modes.split(",") if modes else available_modes()
+    names = modes.split(",") if modes else ["none", "hubness"]
     header = next(line for line in result.stdout.splitlines() if line.split()[:1] == names[:1])
     assert header.split()[: len(names)] == names
     for title in (
@@ -229,15 +204,6 @@ def test_eval_command_prints_the_table(db_url: str, tmp_path: Path, modes: str) 
     figures = data["eval"][0]
     assert [m["mode"] for m in figures["modes"]] == names
     assert figures["modes"][0]["precision"] == pytest.approx(precision, abs=0.0005)
-
-
-@WITHOUT_CORRECTION
-def test_eval_command_refuses_hubness_without_the_setting(db_url: str, tmp_path: Path) -> None:
-    result = run_cli(db_url, "--attendees", "50", "--modes", "none,hubness", cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "matchmaker: this build has no exposure_correction setting, so only --modes none can run"
-    ]
 
 
 def test_eval_command_rejects_bad_options(db_url: str, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 from unittest import mock
 
 import pytest
@@ -37,6 +37,14 @@ VOCAB = [
     "mentorship",
     "jobs",
 ]
+
+# (exposure_correction, hubness_m). Under "hubness" the engine keeps no spare candidates
+# (CERTIFY_SPARE 0) and m is small, so that with 10 users most rows hold fewer partners
+# by s than exist and their lists by s' need the region of low-r columns.
+Exposure = tuple[Literal["none", "hubness"], int]
+NONE: Exposure = ("none", 10)
+hubness = st.tuples(st.just("hubness"), st.integers(1, 4))
+bump_columns = st.sampled_from([0, 2, engine.BUMP_COLUMNS])
 
 tags = st.lists(st.sampled_from(VOCAB), max_size=3, unique=True)
 profile_fields = st.fixed_dictionaries(
@@ -84,14 +92,21 @@ def matched_crowd(
     initial: list[dict[str, Any]],
     k: int,
     exclude_same_company: bool,
+    exposure: Exposure = NONE,
 ) -> tuple[EventRecord, str]:
     """A new event with the initial crowd, fully matched; returns it and the id prefix."""
     prefix = f"p{uuid.uuid4().hex[:6]}-"
+    correction, m = exposure
     event = repo.ensure_event(
         conn,
         EventIn(
             code=f"prop-{uuid.uuid4().hex[:8]}",
-            settings=EventSettings(k=k, exclude_same_company=exclude_same_company),
+            settings=EventSettings(
+                k=k,
+                exclude_same_company=exclude_same_company,
+                exposure_correction=correction,
+                hubness_m=m,
+            ),
         ),
     )
     add_attendees(
@@ -196,6 +211,36 @@ def test_random_histories_end_exact_and_stable(
         check_random_history(conn, settings, initial, ops, k, exclude_same_company)
 
 
+@pytest.mark.slow
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    initial=st.lists(profile_fields, min_size=3, max_size=USERS),
+    ops=st.lists(operation, min_size=1, max_size=20),
+    k=st.integers(1, 3),
+    exclude_same_company=st.booleans(),
+    chunk_elements=st.sampled_from([1, 40, engine.CHUNK_ELEMENTS]),
+    exposure=hubness,
+    bump=bump_columns,
+)
+def test_random_histories_end_exact_and_stable_under_hubness(
+    conn, settings, initial, ops, k, exclude_same_company, chunk_elements, exposure, bump
+):
+    """The same random histories under the exposure correction: every list ends equal
+    to the oracle's top k by s' (scores bit-identical) and re-matching rewrites nothing.
+    BUMP_COLUMNS 0 derives every row afresh at each apply, 2 mixes derivations and the
+    bump rule by s', the default mostly bumps."""
+    with (
+        mock.patch.object(engine, "CHUNK_ELEMENTS", chunk_elements),
+        mock.patch.object(engine, "CERTIFY_SPARE", 0),
+        mock.patch.object(engine, "BUMP_COLUMNS", bump),
+    ):
+        check_random_history(conn, settings, initial, ops, k, exclude_same_company, exposure)
+
+
 def check_random_history(
     conn: Conn,
     settings: Any,
@@ -203,9 +248,10 @@ def check_random_history(
     ops: list[tuple[Any, ...]],
     k: int,
     exclude_same_company: bool,
+    exposure: Exposure = NONE,
 ) -> None:
     workers = [Matchmaker(settings), Matchmaker(settings)]
-    event, prefix = matched_crowd(conn, workers[0], initial, k, exclude_same_company)
+    event, prefix = matched_crowd(conn, workers[0], initial, k, exclude_same_company, exposure)
     started: list[tuple[Matchmaker, StartedBatch]] = []
     for op in ops:
         apply(conn, event, prefix, op, workers, started)
@@ -259,8 +305,46 @@ def test_batches_scored_in_parallel_end_exact(
     """Parallel workers score their batches on snapshots and commit in turn: whatever
     another worker committed in between (joins, edits, leaves, dismissals), every list
     ends equal to the oracle's and re-matching changes nothing."""
+    check_parallel_rounds(conn, settings, initial, rounds, k, exclude_same_company)
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    initial=st.lists(profile_fields, min_size=3, max_size=USERS),
+    rounds=st.lists(parallel_round, min_size=1, max_size=4),
+    k=st.integers(1, 3),
+    exclude_same_company=st.booleans(),
+    exposure=hubness,
+    bump=bump_columns,
+)
+def test_batches_scored_in_parallel_end_exact_under_hubness(
+    conn, settings, initial, rounds, k, exclude_same_company, exposure, bump
+):
+    """The parallel rounds under the exposure correction: each worker keeps its own lists
+    by s, and still every list ends equal to the oracle's by s'."""
+    with (
+        mock.patch.object(engine, "CERTIFY_SPARE", 0),
+        mock.patch.object(engine, "BUMP_COLUMNS", bump),
+    ):
+        check_parallel_rounds(conn, settings, initial, rounds, k, exclude_same_company, exposure)
+
+
+def check_parallel_rounds(
+    conn: Conn,
+    settings: Any,
+    initial: list[dict[str, Any]],
+    rounds: list[tuple[Any, ...]],
+    k: int,
+    exclude_same_company: bool,
+    exposure: Exposure = NONE,
+) -> None:
     first, second = Matchmaker(settings), Matchmaker(settings)
-    event, prefix = matched_crowd(conn, first, initial, k, exclude_same_company)
+    event, prefix = matched_crowd(conn, first, initial, k, exclude_same_company, exposure)
     for before, batch_size, between, batches in rounds:
         for op in before:
             apply(conn, event, prefix, op, [first, second], [])

@@ -140,20 +140,28 @@ def test_an_edit_during_processing_reruns_the_user(conn, settings, db_url):
     assert_exact(conn, event)
 
 
-@pytest.mark.parametrize("exclude_same_company", [True, False])
-def test_lists_do_not_depend_on_batch_size_or_worker(conn, settings, exclude_same_company):
+@pytest.mark.parametrize(
+    ("exclude_same_company", "correction"),
+    [(True, "none"), (False, "none"), (True, "hubness"), (False, "hubness")],
+)
+def test_lists_do_not_depend_on_batch_size_or_worker(
+    conn, settings, exclude_same_company, correction
+):
     """The same crowd joined into five events, drained with fixed batch sizes 1, 7, 50 and
     300 and with bulk batches, gives identical, exact lists: the bump rule loses nothing
-    between batches."""
-    people = generate_profiles(150, seed=11, id_prefix=f"b{int(exclude_same_company)}-")
+    between batches (under the exposure correction too)."""
+    tag = f"{int(exclude_same_company)}{correction[0]}"
+    people = generate_profiles(150, seed=11, id_prefix=f"b{tag}-")
     fixed = settings.model_copy(update={"bulk_batch_seconds": 0})
     events = []
     for size in (1, 7, 50, 300, 0):
         event = repo.ensure_event(
             conn,
             EventIn(
-                code=f"batch-{size}-{int(exclude_same_company)}",
-                settings=EventSettings(exclude_same_company=exclude_same_company),
+                code=f"batch-{size}-{tag}",
+                settings=EventSettings(
+                    exclude_same_company=exclude_same_company, exposure_correction=correction
+                ),
             ),
         )
         add_attendees(conn, event, people)

@@ -8,9 +8,12 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from core.models import (
+    HUBNESS_M_MAX,
+    HUBNESS_M_MIN,
     DeferredModel,
     EventCode,
     EventSettings,
+    ExposureCorrection,
     Profile,
     ProfileFields,
     StrictModel,
@@ -98,6 +101,8 @@ class SettingsPatch(StrictModel):
     weights: WeightsPatch | None = None
     embedder: Literal["local", "openai"] | None = None
     icebreakers: bool | None = None
+    exposure_correction: ExposureCorrection | None = None
+    hubness_m: Annotated[int, Field(ge=HUBNESS_M_MIN, le=HUBNESS_M_MAX)] | None = None
 
 
 class EventOut(DeferredModel):
@@ -173,8 +178,12 @@ class CoverageOut(DeferredModel):
 
 
 class ExposureOut(DeferredModel):
-    """How evenly attendees appear on each other's lists."""
+    """How evenly attendees appear on each other's lists, and the event's correction."""
 
+    correction: ExposureCorrection = Field(
+        description="the event's exposure_correction: hubness ranks by the corrected score"
+    )
+    hubness_m: int | None = Field(description="the correction's m; null under none")
     max_appearances: int = Field(description="lists the most-listed attendee is on")
     mean_appearances: float | None
     gini: float | None = Field(

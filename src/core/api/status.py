@@ -22,7 +22,7 @@ from core.api.schemas import (
 )
 from core.data import repository as repo
 from core.data.repository import Conn
-from core.models import EventRecord
+from core.models import EventRecord, EventSettings
 from core.settings import Settings
 
 
@@ -115,9 +115,12 @@ def _coverage(row: dict[str, Any], k: int) -> CoverageOut:
     )
 
 
-def _exposure(row: dict[str, Any]) -> ExposureOut:
+def _exposure(row: dict[str, Any], event: EventSettings) -> ExposureOut:
     mean, gini = row.get("mean_appearances"), row.get("gini")
+    hubness = event.exposure_correction == "hubness"
     return ExposureOut(
+        correction=event.exposure_correction,
+        hubness_m=event.hubness_m if hubness else None,
         max_appearances=_count(row, "max_appearances"),
         mean_appearances=round(mean, 6) if mean is not None else None,
         gini=round(gini, 6) if gini is not None else None,
@@ -166,7 +169,7 @@ def event_status(
             lists_written=_count(job, "lists_written"),
         ),
         coverage=coverage,
-        exposure=_exposure(figures.exposure),
+        exposure=_exposure(figures.exposure, event.settings),
         embedder=EmbedderOut(
             configured=choice.configured,
             effective=choice.effective,

@@ -63,6 +63,8 @@ def _event_from_row(row: dict[str, Any]) -> EventRecord:
         ),
         embedder=row["embedder"],
         icebreakers=row["icebreakers"],
+        exposure_correction=row["exposure_correction"],
+        hubness_m=row["hubness_m"],
     )
     return EventRecord(row["id"], row["code"], row["name"], settings)
 
@@ -94,6 +96,8 @@ def ensure_event(conn: Conn, event: EventIn) -> EventRecord:
             "weight_bio": weights.bio,
             "embedder": event.settings.embedder,
             "icebreakers": event.settings.icebreakers,
+            "exposure_correction": event.settings.exposure_correction,
+            "hubness_m": event.settings.hubness_m,
         },
     )
     stored = fetch_event(conn, event.code)
@@ -148,6 +152,8 @@ def update_event_settings(conn: Conn, event_id: int, settings: EventSettings) ->
             "weight_bio": settings.weights.bio,
             "embedder": settings.embedder,
             "icebreakers": settings.icebreakers,
+            "exposure_correction": settings.exposure_correction,
+            "hubness_m": settings.hubness_m,
         },
     )
 

@@ -63,6 +63,17 @@ RANK_INSERTIONS = 64
 EXACT_CHUNK_ROWS = 64
 # Dismissed pairs are looked up as row * PAIR_KEY + other.
 PAIR_KEY = 1 << 32
+# Under the exposure correction each row keeps its best max(m, k) + CERTIFY_SPARE partners
+# by s: enough to find r and, for most rows, to prove its top k by s' (see _exposure_lists).
+CERTIFY_SPARE = 4
+# An unproven row is repaired from its previous list when at most this many columns
+# changed their s' (bump rule); otherwise it is ranked against everyone.
+BUMP_COLUMNS = 256
+# _exposure_derive: rows looked at together, the slack of its bounds (see there), and
+# pairs scored exactly at once (each gathers 4 KiB of vectors).
+WIDEN_ROWS = 256
+REGION_SLACK = 1e-12
+PAIR_CHUNK = 1 << 16
 
 
 class VectorShapeError(ValueError):
@@ -99,7 +110,13 @@ class EventState:
         self.event = event
         self.embedder_key = embedder_key
         self.width = width
-        self.k = event.settings.k
+        settings = event.settings
+        # The stored lists' length; self.k is the width of the in-memory lists by s, the
+        # same under "none", longer under "hubness" (the exposure correction's candidates).
+        self.list_k = settings.k
+        self.hubness = settings.exposure_correction == "hubness"
+        self.hubness_m = settings.hubness_m
+        self.k = max(settings.k, settings.hubness_m) + CERTIFY_SPARE if self.hubness else settings.k
         self.coef = Coefficients.from_weights(event.settings.weights)
         self.exclude_same_company = event.settings.exclude_same_company
         self.n = 0
@@ -117,6 +134,14 @@ class EventState:
         self._dismissed_keys: npt.NDArray[np.int64] | None = None
         self.top_idx: IndexMatrix = np.zeros((0, self.k), dtype=np.int64)
         self.top_val: FloatMatrix = np.zeros((0, self.k), dtype=np.float64)
+        # Under "hubness": the stored lists by s' (top_* then hold each row's best k by s,
+        # exact for the current vectors once synced), and r per row.
+        self.list_idx: IndexMatrix = np.zeros((0, self.list_k), dtype=np.int64)
+        self.list_val: FloatMatrix = np.zeros((0, self.list_k), dtype=np.float64)
+        self.r: FloatMatrix = np.zeros(0, dtype=np.float64)
+        self.s_synced = False  # top_* built for every row (a new state builds them once)
+        self.unsynced: set[int] = set()  # rows changed since top_* were last brought up to date
+        self.lists_reloaded = False  # list_* came from the database since the last apply
         self._company_codes: dict[str, int] = {}
         # id_rank of the first rows (those since are ranked on demand) and their ids sorted
         self._id_rank = np.zeros(0, dtype=np.int64)
@@ -156,6 +181,8 @@ class EventState:
                 self.dismissed.setdefault(rb, set()).add(ra)
                 changed.update((ra, rb))
                 self._dismissed_keys = None
+        if self.hubness:
+            self.unsynced |= changed
         self.refreshes += 1
         self.change_log.append((self.refreshes, changed))
         del self.change_log[:-CHANGE_LOG_LENGTH]
@@ -178,6 +205,9 @@ class EventState:
         self.vectors = grown(self.vectors, 0)
         self.top_idx = grown(self.top_idx, NO_MATCH)
         self.top_val = grown(self.top_val, EXCLUDED)
+        self.list_idx = grown(self.list_idx, NO_MATCH)
+        self.list_val = grown(self.list_val, EXCLUDED)
+        self.r = grown(self.r, 0.0)
 
     def _row_for(self, profile_id: int, user_id: str) -> int:
         row = self.row_of.get(profile_id)
@@ -219,6 +249,8 @@ class EventState:
             if not member.active:
                 self.top_idx[row] = NO_MATCH
                 self.top_val[row] = EXCLUDED
+                self.list_idx[row] = NO_MATCH
+                self.list_val[row] = EXCLUDED
         if vectors:
             stacked = np.frombuffer(b"".join(vectors), dtype="<i2").reshape(len(vectors), -1)
             self.vectors[vector_rows] = stacked
@@ -228,14 +260,18 @@ class EventState:
         return set(rows)
 
     def load_lists(self, entries: list[tuple[int, int, int, float]]) -> None:
-        self.top_idx[:] = NO_MATCH
-        self.top_val[:] = EXCLUDED
+        """Take in the stored lists (another writer changed them). Under "hubness" they
+        are the lists by s' (the lists by s are the state's own, kept from the vectors)."""
+        idx, val = (self.list_idx, self.list_val) if self.hubness else (self.top_idx, self.top_val)
+        idx[:] = NO_MATCH
+        val[:] = EXCLUDED
         self.stale_rows = set()
+        self.lists_reloaded = True
         for owner, rank, matched, score in entries:
             row, other = self.row_of.get(owner), self.row_of.get(matched)
-            if row is not None and other is not None and rank <= self.k:
-                self.top_idx[row, rank - 1] = other
-                self.top_val[row, rank - 1] = score
+            if row is not None and other is not None and rank <= self.list_k:
+                idx[row, rank - 1] = other
+                val[row, rank - 1] = score
             elif row is not None:
                 # Longer than k (k was lowered) or naming a row we do not know: the
                 # stored list must be rewritten even if its first k entries stay.
@@ -439,12 +475,18 @@ class EventState:
 
     def rank_everyone(self) -> tuple[IndexMatrix, FloatMatrix]:
         """Every row's exact top k among all matchable rows, from scratch (what a full
-        rebuild computes; rows not matchable get empty lists)."""
+        rebuild computes; rows not matchable get empty lists); by s' under "hubness"."""
         everyone = np.flatnonzero(self.matchable[: self.n])
         idx = np.full((self.n, self.k), NO_MATCH, dtype=np.int64)
         val = np.full((self.n, self.k), EXCLUDED, dtype=np.float64)
         idx[everyone], val[everyone] = self._candidates(everyone, everyone)
-        return idx, val
+        if not self.hubness:
+            return idx, val
+        # By s' (the state's lists by s become these, as after a drain).
+        self.top_idx[: self.n], self.top_val[: self.n] = idx, val
+        self.s_synced = True
+        self.unsynced.clear()
+        return self._exposure_lists(np.ones(self.n, dtype=bool), rebuild=True)
 
     def changed_since(self, refresh: int) -> set[int] | None:
         """Rows reported by the refreshes after `refresh`; None if no longer known."""
@@ -529,6 +571,39 @@ class EventState:
             # are no longer known: prepare again on the current state.
             prepared, changed = self.prepare(prepared.profile_ids), set()
         changes = BatchChanges()
+        if self.hubness:
+            self._apply_exposure(prepared, changed, changes)
+            return changes
+        n = self.n
+        new_idx, new_val = self._advance(prepared, changed, changes)
+        self._record(changes, new_idx, new_val, self.top_idx[:n], self.top_val[:n])
+        self.top_idx[:n], self.top_val[:n] = new_idx, new_val
+        return changes
+
+    def _record(
+        self,
+        changes: BatchChanges,
+        new_idx: IndexMatrix,
+        new_val: FloatMatrix,
+        old_idx: IndexMatrix,
+        old_val: FloatMatrix,
+    ) -> None:
+        """Put the lists that differ from the stored ones (or must be rewritten) into
+        changes."""
+        differs = (new_idx != old_idx).any(axis=1) | (new_val != old_val).any(axis=1)
+        differs[list(self.stale_rows)] = True
+        self.stale_rows.clear()
+        for row in np.flatnonzero(differs).tolist():
+            changes.lists[int(self.profile_ids[row])] = self._entries(
+                row, new_idx[row], new_val[row]
+            )
+
+    def _advance(
+        self, prepared: PreparedBatch, changed: set[int], changes: BatchChanges
+    ) -> tuple[IndexMatrix, FloatMatrix]:
+        """Every row's list by s (top_*) after the prepared batch: the batch's own lists
+        made exact against `changed` (rows changed since it was prepared), and the batch
+        merged into everyone else's (the bump rule)."""
         n, k = self.n, self.k
         new_idx = self.top_idx[:n].copy()
         new_val = self.top_val[:n].copy()
@@ -536,8 +611,14 @@ class EventState:
         batch = prepared.batch[keep]
         for row in prepared.claimed - set(batch.tolist()):  # left, or no vector: empty list
             new_idx[row], new_val[row] = NO_MATCH, EXCLUDED
+        # Claimed users who left (or lost their vector) are excluded now: a list holding
+        # one must be recomputed (the stored lists lose a leaver through the departure
+        # trigger; the longer in-memory lists of "hubness" only here).
+        gone = np.zeros(n, dtype=bool)
+        gone[list(prepared.claimed)] = True
+        gone &= ~self.matchable[:n]
 
-        if batch.size:
+        if batch.size or gone.any():
             changes.matched_users = int(batch.size)
             batch_idx, batch_val = prepared.batch_idx[keep], prepared.batch_val[keep]
             cols = self._columns()
@@ -582,7 +663,7 @@ class EventState:
                     others,
                     self.top_idx[others],
                     self.top_val[others],
-                    in_batch,
+                    in_batch | gone,
                     (cand_idx, cand_val),
                 )
                 touched = np.flatnonzero(
@@ -602,17 +683,212 @@ class EventState:
                 new_idx[rows], new_val[rows] = merged_idx, merged_val
             changes.recomputed_neighbours = recomputed
 
-        differs = (new_idx != self.top_idx[:n]).any(axis=1) | (new_val != self.top_val[:n]).any(
-            axis=1
+        return new_idx, new_val
+
+    # --- the exposure correction ("hubness") --------------------------------------------
+
+    def _apply_exposure(
+        self, prepared: PreparedBatch, changed: set[int], changes: BatchChanges
+    ) -> None:
+        """apply under "hubness": bring the lists by s (top_*) up to date with every row
+        changed since the last apply (the batch, then whatever else the refreshes
+        reported: a leaver, an edit another worker matched, a dismissal), so that r and
+        s' are exact for the current vectors; then the lists by s' (list_*)."""
+        n = self.n
+        dirty = np.zeros(n, dtype=bool)
+        rebuild = self.lists_reloaded
+        if not self.s_synced:
+            # A new state: the lists by s of every row outside the batch, against
+            # everyone, once (the stored lists are by s' and cannot seed them); the batch
+            # brings its own. In a from-scratch drain nobody is outside the first batch.
+            in_batch = np.zeros(n, dtype=bool)
+            in_batch[prepared.batch] = True
+            rest = np.flatnonzero(self.matchable[:n] & ~in_batch)
+            self.top_idx[:n], self.top_val[:n] = NO_MATCH, EXCLUDED
+            if rest.size:
+                everyone = np.flatnonzero(self.matchable[:n])
+                self.top_idx[rest], self.top_val[rest] = self._candidates(rest, everyone)
+            self.s_synced, rebuild = True, True
+            self.unsynced.clear()
+        self.top_idx[:n], self.top_val[:n] = self._advance(prepared, changed, changes)
+        pending = self.unsynced - prepared.claimed
+        if pending:
+            synced = self.prepare([int(self.profile_ids[row]) for row in sorted(pending)])
+            self.top_idx[:n], self.top_val[:n] = self._advance(synced, set(), BatchChanges())
+        dirty[list(prepared.claimed | pending)] = True
+        self.unsynced.clear()
+        self.lists_reloaded = False
+        new_idx, new_val = self._exposure_lists(dirty, rebuild=rebuild)
+        self._record(changes, new_idx, new_val, self.list_idx[:n], self.list_val[:n])
+        self.list_idx[:n], self.list_val[:n] = new_idx, new_val
+
+    def _exposure_r(self) -> FloatMatrix:
+        """r per row: the float64 sum of its best m scores by s, best first (ties give
+        equal values, so the order of the sum is fixed), divided by how many there are (m,
+        fewer when the row has fewer partners, r = 0 with none). top_* hold them in that
+        order, exact; the oracle sums the same values in the same order."""
+        n, m = self.n, self.hubness_m
+        values = self.top_val[:n, :m]
+        present = values > EXCLUDED
+        total = np.zeros(n, dtype=np.float64)
+        for j in range(m):
+            total += np.where(present[:, j], values[:, j], 0.0)
+        count = np.count_nonzero(present, axis=1)
+        r: FloatMatrix = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+        return r
+
+    def _exposure_lists(
+        self, dirty: npt.NDArray[np.bool_], *, rebuild: bool
+    ) -> tuple[IndexMatrix, FloatMatrix]:
+        """Every row's top k by s'(A, B) = 2·s(A, B) - (r(A) + r(B)), ties by user_id.
+
+        s'(A, B) changed since the last apply only where A or B is `dirty` (vector,
+        exclusions) or has a new r. A row with neither is repaired from its previous
+        list (exact) by the bump rule when few columns moved; any other row, or after
+        the stored lists were reloaded (`rebuild`), is derived afresh (_exposure_derive).
+        """
+        n, k = self.n, self.list_k
+        r_before = self.r[:n].copy()
+        r = self._exposure_r()
+        self.r[:n] = r
+        moved = dirty | (r != r_before)
+        new_idx = np.full((n, k), NO_MATCH, dtype=np.int64)
+        new_val = np.full((n, k), EXCLUDED, dtype=np.float64)
+        rows = np.flatnonzero(self.matchable[:n])
+        columns = np.flatnonzero(moved)
+        derive = rows
+        if not rebuild and columns.size <= BUMP_COLUMNS:
+            derive, kept = rows[moved[rows]], rows[~moved[rows]]
+            if kept.size and columns.size:
+                idx, val, full = self._exposure_bump(kept, columns, r)
+                new_idx[kept], new_val[kept] = idx, val
+                derive = np.union1d(derive, kept[full])
+            elif kept.size:
+                new_idx[kept], new_val[kept] = self.list_idx[kept], self.list_val[kept]
+        if derive.size:
+            new_idx[derive], new_val[derive] = self._exposure_derive(derive, r)
+        return new_idx, new_val
+
+    def _exposure_bump(
+        self, rows: npt.NDArray[np.int64], columns: npt.NDArray[np.int64], r: FloatMatrix
+    ) -> tuple[IndexMatrix, FloatMatrix, npt.NDArray[np.bool_]]:
+        """The bump rule by s': each row's previous list (exact, r of the row unchanged)
+        merged with the `columns` whose s' for it changed; rows where a listed column now
+        scores lower are flagged `full` (someone outside may belong)."""
+        k = self.list_k
+        a = np.repeat(rows, columns.size)
+        b = np.tile(columns, rows.size)
+        fresh = (2.0 * self.scores_of_pairs(a, b) - (r[a] + r[b])).reshape(rows.size, -1)
+        old_idx, old_val = self.list_idx[rows], self.list_val[rows]
+        is_column = np.zeros(self.n, dtype=bool)
+        is_column[columns] = True
+        on_list = (old_idx >= 0) & is_column[np.maximum(old_idx, 0)]
+        at = np.minimum(np.searchsorted(columns, np.maximum(old_idx, 0)), columns.size - 1)
+        rescored = np.where(on_list, np.take_along_axis(fresh, at, axis=1), EXCLUDED)
+        full = np.any(on_list & (rescored < old_val), axis=1)
+        merged_idx, merged_val = merge_top_k(
+            np.concatenate(
+                [np.where(on_list, NO_MATCH, old_idx), np.broadcast_to(columns, fresh.shape)],
+                axis=1,
+            ),
+            np.concatenate([np.where(on_list, EXCLUDED, old_val), fresh], axis=1),
+            self.id_rank,
+            k,
         )
-        differs[list(self.stale_rows)] = True
-        self.stale_rows.clear()
-        for row in np.flatnonzero(differs).tolist():
-            changes.lists[int(self.profile_ids[row])] = self._entries(
-                row, new_idx[row], new_val[row]
+        return merged_idx, merged_val, full
+
+    def _exposure_derive(
+        self, rows: npt.NDArray[np.int64], r: FloatMatrix
+    ) -> tuple[IndexMatrix, FloatMatrix]:
+        """Rows' exact top k by s', from the lists by s (top_*, M = self.k wide) and few
+        exact scores.
+
+        Candidates of A: its best M by s, and every B holding A among its best M (s is
+        symmetric, so that score is known too). Any other partner B has s(A, B) <=
+        s_M(A) and s(A, B) <= s_M(B) (a row with fewer than M partners holds them all:
+        nobody outside can be a partner), so s'(A, B) <= 2·min(s_M(A), s_M(B)) - r(A) -
+        r(B): it can only reach the k-th best candidate when r(B) <= 2·s_M(A) - r(A) -
+        kth and 2·s_M(B) - r(B) >= kth + r(A), and, by its approximate score (within
+        tol of s), when 2·approx - r(A) - r(B) >= kth - 2·tol. The few pairs that pass
+        all three are scored exactly. Every test gets REGION_SLACK, far above the float64
+        error of these sums (~1e-15), so a pair left out scores strictly below the k-th
+        best.
+        """
+        n, k, width = self.n, self.list_k, self.k
+        id_rank = self.id_rank
+        s_idx, s_val = self.top_idx[:n], self.top_val[:n]
+        wanted = np.zeros(n, dtype=bool)
+        wanted[rows] = True
+        slot = np.full(n, -1, dtype=np.int64)
+        slot[rows] = np.arange(rows.size)
+        holder = np.repeat(np.arange(n), width)
+        held, held_s = s_idx.reshape(-1), s_val.reshape(-1)
+        forward = (held >= 0) & wanted[holder]
+        backward = (held >= 0) & wanted[np.maximum(held, 0)]
+        own = np.concatenate([holder[forward], held[backward]])
+        other = np.concatenate([held[forward], holder[backward]])
+        score = np.concatenate([held_s[forward], held_s[backward]])
+        value = 2.0 * score - (r[own] + r[other])
+        own, other, value = _distinct(own, other, value, n)
+        _, best_val = grouped_top_k(slot[own], other, value, id_rank, n_groups=rows.size, k=k)
+        kth = best_val[:, k - 1]
+
+        # The region: columns sorted by r, so that each row's first test is a prefix;
+        # its approximate scores (one float32 product per chunk of rows, no gathers)
+        # leave the few pairs that pass both tests within 2·tol of the k-th best.
+        full = s_idx[:, -1] >= 0
+        column_bound = np.where(full, 2.0 * s_val[:, -1], EXCLUDED) - r
+        everyone = np.flatnonzero(self.matchable[:n])
+        by_r = everyone[np.argsort(r[everyone], kind="stable")]
+        sorted_r, bound_by_r = r[by_r], column_bound[by_r]
+        own_r, own_last = r[rows], s_val[rows, -1]
+        with np.errstate(invalid="ignore"):  # rows holding every partner: -inf - -inf
+            reach = np.searchsorted(sorted_r, 2.0 * own_last - own_r - kth + REGION_SLACK, "right")
+        reach[~full[rows]] = 0
+        floor = kth + own_r - REGION_SLACK
+        near = kth - 2 * self.tolerance - REGION_SLACK
+        order = np.argsort(reach, kind="stable")
+        targets: npt.NDArray[np.float32] | None = None
+        found_own, found_other = [], []
+        start = int(np.searchsorted(reach[order], 0, "right"))  # rows with an empty region
+        while start < rows.size:
+            peek = int(reach[order[min(start + WIDEN_ROWS, rows.size) - 1]])
+            step = max(1, min(WIDEN_ROWS, self.chunk_elements // max(peek, 1)))
+            at = order[start : start + step]
+            start += at.size
+            length = int(reach[at].max())
+            if targets is None:
+                targets = self.vectors[by_r]
+            # The two bounds first (no float work), then the approximate scores of what
+            # is left, from one product up to the last column any row still needs.
+            i, j = np.nonzero(
+                (np.arange(length)[None, :] < reach[at][:, None])
+                & (bound_by_r[None, :length] >= floor[at][:, None])
             )
-        self.top_idx[:n], self.top_val[:n] = new_idx, new_val
-        return changes
+            if not i.size:
+                continue
+            approx = self._approx(rows[at], targets[: int(j.max()) + 1])
+            corrected = 2.0 * approx[i, j].astype(np.float64) - (own_r[at][i] + sorted_r[j])
+            keep = corrected >= near[at][i]
+            i, j = i[keep], j[keep]
+            found_own.append(rows[at][i])
+            found_other.append(by_r[j])
+        if found_own:
+            a, b = np.concatenate(found_own), np.concatenate(found_other)
+            exact = np.concatenate(
+                [
+                    self.scores_of_pairs(a[i : i + PAIR_CHUNK], b[i : i + PAIR_CHUNK])
+                    for i in range(0, a.size, PAIR_CHUNK)
+                ]
+                or [np.zeros(0)]
+            )
+            own, other, value = _distinct(
+                np.concatenate([own, a]),
+                np.concatenate([other, b]),
+                np.concatenate([value, 2.0 * exact - (r[a] + r[b])]),
+                n,
+            )
+        return grouped_top_k(slot[own], other, value, id_rank, n_groups=rows.size, k=k)
 
     def _merge(
         self,
@@ -662,6 +938,14 @@ class EventState:
             reasons = explain(owner_tags, other_tags) if owner_tags and other_tags else []
             entries.append(ListEntry(rank, int(self.profile_ids[other]), float(score), reasons))
         return entries
+
+
+def _distinct(
+    own: npt.NDArray[np.int64], other: npt.NDArray[np.int64], value: FloatMatrix, n: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], FloatMatrix]:
+    """Candidate pairs without repeats (a pair found twice has the same exact value)."""
+    _, first = np.unique(own * n + other, return_index=True)
+    return own[first], other[first], value[first]
 
 
 def _as_blocks(vectors: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

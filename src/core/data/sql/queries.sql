@@ -2,19 +2,21 @@
 
 -- name: event_by_code
 SELECT id, code, name, k, exclude_same_company, weight_interests, weight_complement,
-       weight_bio, embedder, icebreakers
+       weight_bio, embedder, icebreakers, exposure_correction, hubness_m
   FROM events WHERE code = %(code)s
 
 -- name: event_by_id
 SELECT id, code, name, k, exclude_same_company, weight_interests, weight_complement,
-       weight_bio, embedder, icebreakers
+       weight_bio, embedder, icebreakers, exposure_correction, hubness_m
   FROM events WHERE id = %(event_id)s
 
 -- name: insert_event
 INSERT INTO events (code, name, k, exclude_same_company, weight_interests,
-                    weight_complement, weight_bio, embedder, icebreakers)
+                    weight_complement, weight_bio, embedder, icebreakers,
+                    exposure_correction, hubness_m)
 VALUES (%(code)s, %(name)s, %(k)s, %(exclude_same_company)s, %(weight_interests)s,
-        %(weight_complement)s, %(weight_bio)s, %(embedder)s, %(icebreakers)s)
+        %(weight_complement)s, %(weight_bio)s, %(embedder)s, %(icebreakers)s,
+        %(exposure_correction)s, %(hubness_m)s)
 ON CONFLICT (code) DO NOTHING
 
 -- name: drop_profile_staging
@@ -369,6 +371,7 @@ UPDATE events
    SET k = %(k)s, exclude_same_company = %(exclude_same_company)s,
        weight_interests = %(weight_interests)s, weight_complement = %(weight_complement)s,
        weight_bio = %(weight_bio)s, embedder = %(embedder)s, icebreakers = %(icebreakers)s,
+       exposure_correction = %(exposure_correction)s, hubness_m = %(hubness_m)s,
        updated_at = now()
  WHERE id = %(event_id)s
 
