@@ -14,6 +14,11 @@ same generated attendees and the same stored vectors:
 - **peer**: what a user would build with pgvector: one `ORDER BY embedding <#> q LIMIT k`
   query and one list upsert per attendee (sampled and extrapolated above `peer_max`), and
   an HNSW index where the extension has it, with its recall against our exact lists.
+
+`--exposure-correction hubness` runs all of the above under the correction;
+`--exposure-cost N` instead times the from-scratch drain of N attendees under `none` and
+`hubness` in turns, in one process (same machine, same load), and reports the medians and
+their ratio (the correction's cost).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from core.data.repository import Conn
 from core.embedding.local import LocalEmbedder
 from core.matching.engine import CHUNK_ELEMENTS, EventState
 from core.matching.scoring import EXCLUDED, Coefficients, pair_scores, to_blocks
-from core.models import EventIn, EventRecord, EventSettings, MemberRow
+from core.models import EventIn, EventRecord, EventSettings, ExposureCorrection, MemberRow
 from core.queue.worker import Matchmaker
 from core.settings import Settings
 from tooling.local_runs import (
@@ -68,6 +73,7 @@ class BenchOptions:
     peer_max: int = 2_000  # above: a sample of PEER_SAMPLE users, extrapolated
     hnsw_max: int = 10_000  # HNSW index builds above this take minutes: skipped
     newcomers: int = NEWCOMERS
+    exposure_correction: ExposureCorrection = "none"
 
 
 @dataclass
@@ -291,7 +297,10 @@ def run_size(db_url: str, settings: Settings, size: int, options: BenchOptions) 
     conn = connect(db_url, settings, application_name="matchmaker-bench")
     warm_up(conn, settings)
     prefix = f"bench{size}-"
-    event_in = EventIn(code=f"bench-{size}", settings=EventSettings())
+    event_in = EventIn(
+        code=f"bench-{size}",
+        settings=EventSettings(exposure_correction=options.exposure_correction),
+    )
     recreate_event(conn, event_in)  # first: deleting the event is the cheap cascade
     delete_profiles_with_prefix(conn, prefix)
     event = import_profiles(
@@ -472,6 +481,76 @@ def run_in_child(db_url: str, settings: Settings, size: int, options: BenchOptio
                 ) from None
     child.join()
     return SizeResult(**data)
+
+
+# --- the exposure correction's cost --------------------------------------------------------
+
+EXPOSURE_MODES: tuple[ExposureCorrection, ...] = ("none", "hubness")
+
+
+@dataclass
+class ExposureCost:
+    """From-scratch drains of the same attendees under each setting, in turns."""
+
+    attendees: int
+    drains_s: dict[str, list[float]]
+    verified: bool | None  # the oracle on the last hubness event
+
+    def median_s(self, mode: str) -> float:
+        return float(np.median(self.drains_s[mode]))
+
+    @property
+    def ratio(self) -> float:
+        """hubness over none: 1.25 is the issue's ceiling."""
+        return self.median_s("hubness") / self.median_s("none")
+
+
+def exposure_cost(
+    db_url: str, settings: Settings, size: int, options: BenchOptions, rounds: int = 3
+) -> ExposureCost:
+    """Time `rounds` from-scratch drains by the real worker per setting, alternating (a
+    shared machine's load then weighs on both alike)."""
+    conn = connect(db_url, settings, application_name="matchmaker-bench")
+    warm_up(conn, settings)
+    drains: dict[str, list[float]] = {mode: [] for mode in EXPOSURE_MODES}
+    verified: bool | None = None
+    for round_no in range(rounds):
+        for mode in EXPOSURE_MODES:
+            prefix = f"benchx{size}{mode[0]}{round_no}-"
+            event_in = EventIn(
+                code=f"bench-exposure-{mode}-{size}",
+                settings=EventSettings(exposure_correction=mode),
+            )
+            recreate_event(conn, event_in)
+            delete_profiles_with_prefix(conn, prefix)
+            profiles = generate_profiles(size, seed=options.seed, id_prefix=prefix)
+            event = import_profiles(conn, event_in, profiles)
+            with timed() as drain_s:
+                report = drain(
+                    conn, Matchmaker(settings), batch_size=options.batch_size, show_progress=False
+                )
+            drains[mode].append(round(drain_s(), 3))
+            print(
+                f"  {size} {mode}: drained in {drain_s():.2f}s, {report.batches} batches",
+                file=sys.stderr,
+                flush=True,
+            )
+            if options.verify and mode == "hubness" and round_no == rounds - 1:
+                verified = verify_event(conn, event, LocalEmbedder().key).ok
+            clean_up(conn, event, prefix)
+    conn.close()
+    return ExposureCost(attendees=size, drains_s=drains, verified=verified)
+
+
+def format_exposure_cost(cost: ExposureCost) -> str:
+    runs = "; ".join(
+        f"{mode} {', '.join(f'{s:.2f}' for s in cost.drains_s[mode])}" for mode in EXPOSURE_MODES
+    )
+    return (
+        f"exposure correction, {cost.attendees} attendees from scratch: none median"
+        f" {cost.median_s('none'):.2f}s, hubness median {cost.median_s('hubness'):.2f}s,"
+        f" hubness/none {cost.ratio:.2f} (drains: {runs}; verified={cost.verified})"
+    )
 
 
 # --- the report ----------------------------------------------------------------------------

@@ -34,7 +34,13 @@ from core.queue.worker import Matchmaker, WorkerReport
 from core.settings import Settings, get_settings
 from tooling import dev_tokens as devauth
 from tooling.attendee_files import ImportFormatError, format_validation_error
-from tooling.bench import BenchOptions, machine_description, run_bench
+from tooling.bench import (
+    BenchOptions,
+    exposure_cost,
+    format_exposure_cost,
+    machine_description,
+    run_bench,
+)
 from tooling.local_runs import (
     default_event,
     describe_leftover,
@@ -355,10 +361,15 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         verify=not args.no_verify,
         peer=not args.no_peer,
         peer_max=args.peer_max,
+        exposure_correction=args.exposure_correction,
     )
     with open_database(settings):
         pass  # migrated; each size runs in its own process with its own connection
     url = resolve_database_url(settings)
+    if args.exposure_cost:
+        cost = exposure_cost(url, settings, args.exposure_cost, options, rounds=args.rounds)
+        print(format_exposure_cost(cost))
+        return EXIT_OK if cost.verified in (True, None) else EXIT_PROBLEM
     results = run_bench(url, settings, sizes, options, Path(args.json) if args.json else None)
     return EXIT_OK if all(r.verified in (True, None) for r in results) else EXIT_PROBLEM
 
@@ -618,6 +629,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="above this size the peer runs on a sample of users and is extrapolated",
     )
     p.add_argument("--json", help="write the figures to this JSON file")
+    p.add_argument(
+        "--exposure-correction",
+        choices=["none", "hubness"],
+        default="none",
+        help="the events' exposure correction",
+    )
+    p.add_argument(
+        "--exposure-cost",
+        type=int,
+        metavar="N",
+        help="only the from-scratch drain of N attendees under none and hubness in turns,"
+        " medians and their ratio",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="drains per setting (--exposure-cost)")
     p.add_argument(
         "--latency",
         action="store_true",

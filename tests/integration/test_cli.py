@@ -344,3 +344,31 @@ def test_bench_writes_verified_figures(db_url: str, tmp_path: Path) -> None:
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM profiles").fetchone() == (0,)
         assert conn.execute("SELECT to_regclass('bench_peer')").fetchone() == (None,)
+
+
+def test_bench_exposure_cost_times_both_settings(db_url: str, tmp_path: Path) -> None:
+    """Given an empty database,
+    when `bench --exposure-cost 80 --rounds 2` runs,
+    then it exits 0 and prints two drains per setting, their medians and the ratio of
+    hubness over none (consistent with the medians), the last hubness event verified by
+    the oracle; the benchmark cleans its events and profiles up afterwards."""
+    result = cli(db_url, "bench", "--exposure-cost", "80", "--rounds", "2", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = re.search(
+        r"80 attendees from scratch: none median (\d+\.\d\d)s, hubness median (\d+\.\d\d)s,"
+        r" hubness/none (\d+\.\d\d) \(drains: none ([\d., ]+); hubness ([\d., ]+);"
+        r" verified=True\)",
+        result.stdout,
+    )
+    assert found, result.stdout
+    none_s, hubness_s, ratio = (float(found.group(i)) for i in (1, 2, 3))
+    assert len(found.group(4).split(", ")) == len(found.group(5).split(", ")) == 2
+    assert none_s > 0 and hubness_s > 0
+    # The ratio is of the unrounded medians; the printed ones are within 0.005 s.
+    low, high = (hubness_s - 0.005) / (none_s + 0.005), (hubness_s + 0.005) / (none_s - 0.005)
+    assert low - 0.005 <= ratio <= high + 0.005
+    assert result.stderr.count("80 hubness: drained in") == 2
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM profiles").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)

@@ -69,9 +69,11 @@ CERTIFY_SPARE = 4
 # An unproven row is repaired from its previous list when at most this many columns
 # changed their s' (bump rule); otherwise it is ranked against everyone.
 BUMP_COLUMNS = 256
-# _exposure_derive: rows looked at together, the slack of its bounds (see there), and
-# pairs scored exactly at once (each gathers 4 KiB of vectors).
-WIDEN_ROWS = 256
+# _exposure_derive: rows grouped by their floor, then looked at together (by their
+# reach, within a group), the slack of its bounds (see there), and pairs scored exactly at
+# once (each gathers 4 KiB of vectors).
+WIDEN_GROUP = 1024
+WIDEN_ROWS = 64
 REGION_SLACK = 1e-12
 PAIR_CHUNK = 1 << 16
 
@@ -833,9 +835,13 @@ class EventState:
         _, best_val = grouped_top_k(slot[own], other, value, id_rank, n_groups=rows.size, k=k)
         kth = best_val[:, k - 1]
 
-        # The region: columns sorted by r, so that each row's first test is a prefix;
-        # its approximate scores (one float32 product per chunk of rows, no gathers)
-        # leave the few pairs that pass both tests within 2·tol of the k-th best.
+        # The region: columns sorted by r, so that each row's first test is a prefix (up
+        # to its reach), the second a threshold (its floor) on the column's bound. Rows
+        # are grouped by floor, then ordered by reach within a group, so that a chunk of
+        # rows has similar reaches and floors and needs few columns: only the columns
+        # any of its rows may need are gathered and multiplied (one float32 product),
+        # and the approximate scores leave the few pairs that pass both tests within
+        # 2·tol of the k-th best.
         full = s_idx[:, -1] >= 0
         column_bound = np.where(full, 2.0 * s_val[:, -1], EXCLUDED) - r
         everyone = np.flatnonzero(self.matchable[:n])
@@ -847,28 +853,39 @@ class EventState:
         reach[~full[rows]] = 0
         floor = kth + own_r - REGION_SLACK
         near = kth - 2 * self.tolerance - REGION_SLACK
-        order = np.argsort(reach, kind="stable")
+        searched = np.flatnonzero(reach > 0)  # rows with an empty region need nothing
+        searched = searched[np.argsort(-floor[searched], kind="stable")]
+        groups = np.array_split(searched, max(1, searched.size // WIDEN_GROUP))
+        order = np.concatenate(
+            [group[np.argsort(reach[group], kind="stable")] for group in groups] or [searched]
+        )
         targets: npt.NDArray[np.float32] | None = None
         found_own, found_other = [], []
-        start = int(np.searchsorted(reach[order], 0, "right"))  # rows with an empty region
-        while start < rows.size:
-            peek = int(reach[order[min(start + WIDEN_ROWS, rows.size) - 1]])
-            step = max(1, min(WIDEN_ROWS, self.chunk_elements // max(peek, 1)))
-            at = order[start : start + step]
-            start += at.size
+        for start in range(0, order.size, WIDEN_ROWS):
+            at = order[start : start + WIDEN_ROWS]
             length = int(reach[at].max())
-            if targets is None:
-                targets = self.vectors[by_r]
-            # The two bounds first (no float work), then the approximate scores of what
-            # is left, from one product up to the last column any row still needs.
-            i, j = np.nonzero(
-                (np.arange(length)[None, :] < reach[at][:, None])
-                & (bound_by_r[None, :length] >= floor[at][:, None])
+            # The two bounds first (no float work): the columns any row of the chunk
+            # may need, then each row's own pairs among them; the product only for the
+            # columns some pair uses.
+            wide = np.flatnonzero(bound_by_r[:length] >= floor[at].min())
+            if not wide.size:
+                continue
+            i, w = np.nonzero(
+                (wide[None, :] < reach[at][:, None])
+                & (bound_by_r[wide][None, :] >= floor[at][:, None])
             )
             if not i.size:
                 continue
-            approx = self._approx(rows[at], targets[: int(j.max()) + 1])
-            corrected = 2.0 * approx[i, j].astype(np.float64) - (own_r[at][i] + sorted_r[j])
+            if targets is None:
+                targets = self.vectors[by_r]
+            used = np.zeros(wide.size, dtype=bool)
+            used[w] = True
+            column_of = np.cumsum(used) - 1  # a used column's place in the product
+            approx = self._approx(rows[at], targets[wide[used]])
+            j = wide[w]
+            corrected = 2.0 * approx[i, column_of[w]].astype(np.float64) - (
+                own_r[at][i] + sorted_r[j]
+            )
             keep = corrected >= near[at][i]
             i, j = i[keep], j[keep]
             found_own.append(rows[at][i])
