@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(VENV)/bin/matchmaker bench --latency --latency-attendees $${LATENCY_ATTENDEES:-10000} \
 		--json bench-latency.json
 	$(VENV)/bin/matchmaker eval --attendees $${EVAL_ATTENDEES:-1000,5000} --json bench-quality.json
+	$(VENV)/bin/matchmaker bench --exposure-cost $${EXPOSURE_COST_ATTENDEES:-10000} --rounds 3
 
 # Regenerate the committed OpenAPI document (a test fails when it drifts from the code).
 openapi: $(STAMP)
