@@ -332,11 +332,10 @@ def test_else_of_type_checking_runs_at_import_time() -> None:
 # --- what each handler loads at cold start ------------------------------------------------
 
 
-def loaded_after_import(module: str) -> tuple[bool, bool]:
-    """(numpy loaded, openai loaded) after importing `module` in a fresh interpreter."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
-    code = f"import {module}, sys; print('numpy' in sys.modules, 'openai' in sys.modules)"
+def run_fresh(code: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter that imports this checkout's src/; it must exit 0."""
+    env = {**os.environ, **extra_env}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -347,6 +346,14 @@ def loaded_after_import(module: str) -> tuple[bool, bool]:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+    return result
+
+
+def loaded_after_import(module: str) -> tuple[bool, bool]:
+    """(numpy loaded, openai loaded) after importing `module` in a fresh interpreter."""
+    result = run_fresh(
+        f"import {module}, sys; print('numpy' in sys.modules, 'openai' in sys.modules)"
+    )
     numpy_loaded, openai_loaded = result.stdout.split()
     return numpy_loaded == "True", openai_loaded == "True"
 
@@ -368,19 +375,7 @@ def test_matchmaker_handler_does_not_load_openai() -> None:
 
 def modules_loaded_after_import(module: str, names: list[str]) -> list[str]:
     """Which of `names` are in sys.modules after importing `module` in a fresh interpreter."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
-    code = f"import {module}, sys; print(*[n for n in {names!r} if n in sys.modules])"
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_fresh(f"import {module}, sys; print(*[n for n in {names!r} if n in sys.modules])")
     return result.stdout.split()
 
 
@@ -436,20 +431,9 @@ print(answer["statusCode"], *[n for n in NAMES if n in sys.modules])
 def test_a_validated_request_needs_no_openapi_document_models() -> None:
     """The resolver validates a body (here: 422) with the routes' annotations alone: the
     models deferred at import are not loaded by serving a request either."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
-    env["POWERTOOLS_METRICS_DISABLED"] = "true"
-    code = f"NAMES = {API_DEFERRED!r}\n{VALIDATED_REQUEST}"
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=120,
-        check=False,
+    result = run_fresh(
+        f"NAMES = {API_DEFERRED!r}\n{VALIDATED_REQUEST}", POWERTOOLS_METRICS_DISABLED="true"
     )
-    assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-1:] == ["422"], result.stdout
 
 
@@ -471,16 +455,5 @@ print(*sorted(
 def test_api_handler_builds_no_request_or_response_model_at_import() -> None:
     """Models are DeferredModel (defer_build): pydantic builds a route's models on its first
     request, not all of them at every cold start."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, "-c", MODELS_BUILT],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_fresh(MODELS_BUILT)
     assert result.stdout.split() == []
